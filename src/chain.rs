@@ -1,0 +1,156 @@
+//! Which images a restore point needs, and which image supplies each part of the source.
+//!
+//! A restore point is an image plus its ancestors back to the full image (for a differential: the
+//! full only). Per granule, the newest image of the chain that has an entry wins; a full image's
+//! uncovered regions are zero. The plan is produced block by block in ascending order, so restore
+//! writes every block exactly once.
+
+use crate::format::{EntryKind, ImageKind};
+use crate::repo::{Image, Repository};
+use anyhow::{bail, Result};
+
+/// Loads the chain ending at `id`, oldest (the full) first, checking each parent link against the
+/// manifest hash the child recorded.
+pub fn resolve(repo: &Repository, id: &str) -> Result<Vec<Image>> {
+    let mut chain = vec![repo.load_image(id)?];
+    loop {
+        let last = chain.last().expect("non-empty");
+        let Some(parent) = last.manifest.parent.clone() else {
+            break;
+        };
+        if chain.len() > 100_000 {
+            bail!("image {id}: chain longer than 100000 images (a parent loop?)");
+        }
+        let p = repo.load_image(&parent.id).map_err(|e| {
+            e.context(format!(
+                "image {} needs its parent {}, which is damaged or missing",
+                last.id(),
+                parent.id
+            ))
+        })?;
+        if crate::format::hash_hex(&p.manifest_hash) != parent.manifest_blake3 {
+            bail!(
+                "image {}: its parent {} has been replaced (manifest hash differs)",
+                last.id(),
+                parent.id
+            );
+        }
+        chain.push(p);
+    }
+    chain.reverse();
+    let full = &chain[0].manifest;
+    if full.kind != ImageKind::Full {
+        bail!("image {id}: its chain does not start with a full image");
+    }
+    for img in &chain[1..] {
+        let m = &img.manifest;
+        if m.source.size != full.source.size
+            || m.block_size != full.block_size
+            || m.granule != full.granule
+        {
+            bail!(
+                "image {}: geometry differs from its full image {}",
+                m.id,
+                full.id
+            );
+        }
+    }
+    Ok(chain)
+}
+
+/// Where a piece of a block comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Zero,
+    /// (position in the chain, entry number in that image's index)
+    Entry(usize, usize),
+}
+
+/// A run of bytes within one block with a single source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Piece {
+    pub offset: u64,
+    pub len: u64,
+    pub source: Source,
+}
+
+/// Walks the chain block by block.
+pub struct Planner<'a> {
+    chain: &'a [Image],
+    cursors: Vec<usize>,
+    block: u64,
+    blocks: u64,
+    block_size: u64,
+    granule: u64,
+    size: u64,
+}
+
+impl<'a> Planner<'a> {
+    pub fn new(chain: &'a [Image]) -> Self {
+        let m = &chain[0].manifest;
+        let block_size = u64::from(m.block_size);
+        Planner {
+            chain,
+            cursors: vec![0; chain.len()],
+            block: 0,
+            blocks: m.source.size.div_ceil(block_size),
+            block_size,
+            granule: u64::from(m.granule),
+            size: m.source.size,
+        }
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+}
+
+impl Iterator for Planner<'_> {
+    /// The pieces of one block, in ascending order, covering it exactly.
+    type Item = Vec<Piece>;
+
+    fn next(&mut self) -> Option<Vec<Piece>> {
+        if self.block >= self.blocks {
+            return None;
+        }
+        let start = self.block * self.block_size;
+        let end = (start + self.block_size).min(self.size);
+        self.block += 1;
+        let ngran = (end - start).div_ceil(self.granule) as usize;
+        let mut owner: Vec<Option<Source>> = vec![None; ngran];
+        // Newest image first: the first owner of a granule wins.
+        for ci in (0..self.chain.len()).rev() {
+            let entries = &self.chain[ci].index.entries;
+            let cur = &mut self.cursors[ci];
+            while *cur < entries.len() && entries[*cur].offset < end {
+                let e = &entries[*cur];
+                let src = if e.kind == EntryKind::Zero {
+                    Source::Zero
+                } else {
+                    Source::Entry(ci, *cur)
+                };
+                let g0 = ((e.offset - start) / self.granule) as usize;
+                let g1 = ((e.end() - start).div_ceil(self.granule) as usize).min(ngran);
+                for o in &mut owner[g0..g1] {
+                    o.get_or_insert(src);
+                }
+                *cur += 1;
+            }
+        }
+        let mut pieces: Vec<Piece> = Vec::new();
+        for (g, o) in owner.into_iter().enumerate() {
+            let source = o.unwrap_or(Source::Zero);
+            let off = start + g as u64 * self.granule;
+            let len = (end - off).min(self.granule);
+            match pieces.last_mut() {
+                Some(p) if p.source == source => p.len += len,
+                _ => pieces.push(Piece {
+                    offset: off,
+                    len,
+                    source,
+                }),
+            }
+        }
+        Some(pieces)
+    }
+}

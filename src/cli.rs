@@ -1,0 +1,341 @@
+//! The command line: parse, set up logging, call one module, print the result. Nothing else.
+
+use crate::backup::{self, BackupOptions};
+use crate::format::{self, ImageKind};
+use crate::progress::Progress;
+use crate::repo::Repository;
+use crate::restore::{self, human_bytes, RestoreOptions};
+use crate::{list, verify};
+use anyhow::{bail, Result};
+use clap::{ArgAction, Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "cairn",
+    version,
+    about = "Sector-level disk imager: full images of disks and partitions, verified restores",
+    long_about = "cairn images whole disks and partitions block by block into a repository directory of \
+compressed, checksummed images, and restores them byte for byte onto the same or a replacement drive.\n\n\
+Examples:\n  cairn backup /dev/sda /mnt/usb/backups          image a whole disk\n  \
+cairn list /mnt/usb/backups                     show the images\n  \
+cairn verify /mnt/usb/backups                   check every stored block\n  \
+cairn restore /mnt/usb/backups /dev/sdb         write the newest image onto /dev/sdb",
+    after_help = "Exit status: 0 success, 1 error (one line on stderr says what and what to do), 2 usage error."
+)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug).
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    verbose: u8,
+    /// Only errors; no progress bar.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+    /// Print one JSON document on stdout instead of the human summary.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Image a block device (whole disk or partition) or a disk-image file into REPO.
+    Backup(BackupArgs),
+    /// Write an image back onto a block device or file.
+    Restore(RestoreArgs),
+    /// Read every stored block and check it; exit 0 only when everything checked is intact.
+    Verify(SelectArgs),
+    /// One row per image in REPO.
+    List(ListArgs),
+}
+
+#[derive(Args)]
+struct BackupArgs {
+    /// Block device (/dev/sda, /dev/nvme0n1p2, /dev/disk/by-id/...) or regular file.
+    source: PathBuf,
+    /// Repository directory; created if absent.
+    repo: PathBuf,
+    /// Take a full image (the default for a name's first image).
+    #[arg(long, group = "kind")]
+    full: bool,
+    /// Only blocks changed since the previous image (not supported yet).
+    #[arg(long, group = "kind")]
+    incremental: bool,
+    /// Only blocks changed since the last full image (not supported yet).
+    #[arg(long, group = "kind")]
+    differential: bool,
+    /// Series name for this source's images [default: from the disk's WWN/serial, the partition's
+    /// PARTUUID, or the file's path].
+    #[arg(long)]
+    name: Option<String>,
+    /// zstd level: 1 is fastest (the device stays the bottleneck), up to 19 for smaller images.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(-7..=19))]
+    level: i32,
+    /// Split image data into files of at most this size (2G fits FAT32 media).
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    segment_size: u64,
+    /// Block size: the unit read, hashed and compressed (power of two, 64K..16M).
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    block_size: u64,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// Repository directory.
+    repo: PathBuf,
+    /// Block device to overwrite, or a file (created sparse if absent).
+    target: PathBuf,
+    #[command(flatten)]
+    select: Selection,
+    /// Do not ask for confirmation before overwriting (for scripts).
+    #[arg(long, short = 'y')]
+    yes: bool,
+}
+
+#[derive(Args)]
+struct Selection {
+    /// Series name [default: the only one in the repository].
+    #[arg(long)]
+    name: Option<String>,
+    /// Image id from `cairn list` [default: the newest of the name].
+    #[arg(long)]
+    image: Option<String>,
+}
+
+#[derive(Args)]
+struct SelectArgs {
+    /// Repository directory.
+    repo: PathBuf,
+    #[command(flatten)]
+    select: Selection,
+}
+
+#[derive(Args)]
+struct ListArgs {
+    /// Repository directory.
+    repo: PathBuf,
+}
+
+/// Parses sizes like 4096, 64K, 1M, 2G, 1T (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (s, 1u64),
+        Some((i, _)) => {
+            let unit = s[i..]
+                .trim_end_matches(['B', 'b', 'i'])
+                .to_ascii_uppercase();
+            let mult = match unit.as_str() {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown size unit in {s:?} (use K, M, G or T)")),
+            };
+            (&s[..i], mult)
+        }
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+pub fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let progress = if cli.quiet {
+        Progress::hidden()
+    } else {
+        Progress::new(true)
+    };
+    match cli.command {
+        Command::Backup(a) => {
+            let bs = a.block_size;
+            if !bs.is_power_of_two()
+                || !(u64::from(format::MIN_BLOCK_SIZE)..=u64::from(format::MAX_BLOCK_SIZE))
+                    .contains(&bs)
+            {
+                bail!("--block-size must be a power of two from 64K to 16M");
+            }
+            if a.segment_size < bs + 4096 {
+                bail!("--segment-size must be larger than the block size");
+            }
+            let kind = if a.full {
+                Some(ImageKind::Full)
+            } else if a.incremental {
+                Some(ImageKind::Incremental)
+            } else if a.differential {
+                Some(ImageKind::Differential)
+            } else {
+                None
+            };
+            let opts = BackupOptions {
+                source: a.source,
+                repo: a.repo,
+                name: a.name,
+                kind,
+                level: a.level,
+                segment_size: a.segment_size,
+                block_size: bs as u32,
+            };
+            let r = backup::run(&opts, &progress)?;
+            if cli.json {
+                print_json(&r);
+            } else {
+                if let Some(n) = &r.note {
+                    eprintln!("note: {n}");
+                }
+                eprintln!(
+                    "{} image {} of {} ({}): {} read, {} data, {} stored, {} of {} blocks zero, {:.1} s ({:.0} MB/s)",
+                    r.kind,
+                    r.id,
+                    r.source,
+                    r.name,
+                    human_bytes(r.bytes_read),
+                    human_bytes(r.data_bytes),
+                    human_bytes(r.bytes_stored),
+                    r.blocks_zero,
+                    r.blocks_total,
+                    r.duration_ms as f64 / 1000.0,
+                    r.read_throughput_mb_s
+                );
+            }
+        }
+        Command::Restore(a) => {
+            let opts = RestoreOptions {
+                repo: a.repo,
+                target: a.target,
+                name: a.select.name,
+                image: a.select.image,
+                yes: a.yes,
+            };
+            let r = restore::run(&opts, &progress)?;
+            if cli.json {
+                print_json(&r);
+            } else {
+                eprintln!(
+                    "restored image {} ({}) onto {}: {} written, {} zeroed, {:.1} s; every block verified",
+                    r.id,
+                    r.name,
+                    r.target,
+                    human_bytes(r.bytes_written),
+                    human_bytes(r.bytes_zeroed),
+                    r.duration_ms as f64 / 1000.0
+                );
+            }
+        }
+        Command::Verify(a) => {
+            let repo = Repository::open(&a.repo)?;
+            let r = verify::run(
+                &repo,
+                a.select.name.as_deref(),
+                a.select.image.as_deref(),
+                &progress,
+            )?;
+            if cli.json {
+                print_json(&r);
+            } else {
+                for i in &r.images {
+                    let what = match (i.status, i.restorable) {
+                        ("ok", true) => "ok".to_string(),
+                        ("ok", false) => {
+                            "intact, but not restorable (a parent is damaged)".to_string()
+                        }
+                        _ => format!("DAMAGED ({} damaged blocks)", i.damaged_blocks),
+                    };
+                    eprintln!("{} {}: {what}", i.id, i.name.as_deref().unwrap_or("?"));
+                    for e in &i.errors {
+                        eprintln!("  {e}");
+                    }
+                }
+            }
+            if !r.ok {
+                let bad: Vec<&str> = r
+                    .images
+                    .iter()
+                    .filter(|i| i.status != "ok" || !i.restorable)
+                    .map(|i| i.id.as_str())
+                    .collect();
+                let first = r
+                    .images
+                    .iter()
+                    .flat_map(|i| i.errors.first())
+                    .next()
+                    .cloned()
+                    .unwrap_or_default();
+                bail!(
+                    "{} image(s) damaged or unrestorable: {} ({first})",
+                    bad.len(),
+                    bad.join(", ")
+                );
+            }
+        }
+        Command::List(a) => {
+            let repo = Repository::open(&a.repo)?;
+            let rows = list::run(&repo)?;
+            if cli.json {
+                print_json(&rows);
+            } else if rows.is_empty() {
+                eprintln!("no images in {}", repo.root.display());
+            } else {
+                println!(
+                    "{:<20} {:<24} {:<12} {:<20} {:>12} {:>12} {:>12}  STATUS",
+                    "ID", "NAME", "KIND", "PARENT", "SOURCE", "DATA", "STORED"
+                );
+                let gib = |v: Option<u64>| {
+                    v.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
+                        .unwrap_or_else(|| "?".into())
+                };
+                for r in rows {
+                    println!(
+                        "{:<20} {:<24} {:<12} {:<20} {:>12} {:>12} {:>12}  {}",
+                        r.id,
+                        r.name.as_deref().unwrap_or("?"),
+                        r.kind.unwrap_or("?"),
+                        r.parent.as_deref().unwrap_or("-"),
+                        gib(r.source_size),
+                        gib(r.data_bytes),
+                        gib(r.stored_bytes),
+                        r.status
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serialisable"));
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    let level = match (quiet, verbose) {
+        (true, _) => tracing::Level::ERROR,
+        (false, 0) => tracing::Level::WARN,
+        (false, 1) => tracing::Level::INFO,
+        (false, _) => tracing::Level::DEBUG,
+    };
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .init();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

@@ -1,0 +1,503 @@
+//! Device I/O: what a block device or image file is (size, sector sizes, identity, whether it is in
+//! use) and an I/O queue to read or write it. Knows nothing about the image format.
+
+pub mod buf;
+pub mod queue;
+pub mod sync;
+pub mod uring;
+
+use anyhow::{bail, Context, Result};
+use buf::AlignedBuf;
+use queue::IoQueue;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+mod ioctl {
+    nix::ioctl_read!(blkgetsize64, 0x12, 114, u64);
+    nix::ioctl_read_bad!(blksszget, 0x1268, libc::c_int);
+    nix::ioctl_read_bad!(blkpbszget, 0x127b, libc::c_uint);
+    nix::ioctl_write_ptr_bad!(blkzeroout, 0x127f, [u64; 2]);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Disk,
+    Partition,
+    File,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Disk => "disk",
+            Kind::Partition => "partition",
+            Kind::File => "file",
+        }
+    }
+}
+
+/// Facts about a source or target, from stat, ioctls, sysfs and the udev database.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    pub path: PathBuf,
+    pub kind: Kind,
+    pub size: u64,
+    pub logical_sector_size: u32,
+    pub physical_sector_size: u32,
+    /// (major, minor) for block devices.
+    pub devno: Option<(u32, u32)>,
+    /// Kernel name ("sda", "loop3p1").
+    pub kernel_name: Option<String>,
+    /// Whole disk's (major, minor) when this is a partition.
+    pub parent_devno: Option<(u32, u32)>,
+    pub model: Option<String>,
+    pub serial: Option<String>,
+    pub wwn: Option<String>,
+    pub partuuid: Option<String>,
+    pub ptable_id: Option<String>,
+    pub rotational: Option<bool>,
+}
+
+impl DeviceInfo {
+    pub fn is_block(&self) -> bool {
+        self.kind != Kind::File
+    }
+
+    /// Probes an existing path. Follows symlinks (/dev/disk/by-id/...).
+    pub fn probe(path: &Path) -> Result<DeviceInfo> {
+        let meta = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+        let ft = meta.file_type();
+        if ft.is_file() {
+            return Ok(DeviceInfo {
+                path: path.to_path_buf(),
+                kind: Kind::File,
+                size: meta.len(),
+                logical_sector_size: 512,
+                physical_sector_size: 512,
+                devno: None,
+                kernel_name: None,
+                parent_devno: None,
+                model: None,
+                serial: None,
+                wwn: None,
+                partuuid: None,
+                ptable_id: None,
+                rotational: None,
+            });
+        }
+        if !ft.is_block_device() {
+            bail!(
+                "{} is neither a block device nor a regular file",
+                path.display()
+            );
+        }
+        let rdev = meta.rdev();
+        let devno = (libc::major(rdev), libc::minor(rdev));
+        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let fd = file.as_raw_fd();
+        let mut size = 0u64;
+        let mut lss: libc::c_int = 0;
+        let mut pss: libc::c_uint = 0;
+        // SAFETY: fd is an open block device; each ioctl writes one integer into the given place.
+        unsafe {
+            ioctl::blkgetsize64(fd, &mut size)
+                .with_context(|| format!("BLKGETSIZE64 on {}", path.display()))?;
+            ioctl::blksszget(fd, &mut lss)
+                .with_context(|| format!("BLKSSZGET on {}", path.display()))?;
+            ioctl::blkpbszget(fd, &mut pss)
+                .with_context(|| format!("BLKPBSZGET on {}", path.display()))?;
+        }
+        let sys = sysfs_dir(devno);
+        let kernel_name = sys
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned());
+        let is_partition = sys.as_ref().is_some_and(|p| p.join("partition").exists());
+        let (parent_devno, disk_sys) = if is_partition {
+            let parent = sys.as_ref().and_then(|p| p.parent()).map(Path::to_path_buf);
+            (
+                parent.as_ref().and_then(|p| read_devno(&p.join("dev"))),
+                parent,
+            )
+        } else {
+            (None, sys.clone())
+        };
+        let udev = udev_props(devno);
+        let disk_udev = parent_devno.map(udev_props).unwrap_or_else(|| udev.clone());
+        let attr = |rel: &str| disk_sys.as_ref().and_then(|d| read_trimmed(&d.join(rel)));
+        let prop = |props: &[(String, String)], key: &str| {
+            props
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .filter(|v| !v.is_empty())
+        };
+        Ok(DeviceInfo {
+            path: path.to_path_buf(),
+            kind: if is_partition {
+                Kind::Partition
+            } else {
+                Kind::Disk
+            },
+            size,
+            logical_sector_size: lss as u32,
+            physical_sector_size: pss,
+            devno: Some(devno),
+            kernel_name,
+            parent_devno,
+            model: attr("device/model").or_else(|| prop(&disk_udev, "ID_MODEL")),
+            serial: attr("device/serial")
+                .or_else(|| prop(&disk_udev, "ID_SERIAL_SHORT"))
+                .or_else(|| attr("serial")),
+            wwn: attr("wwid")
+                .or_else(|| attr("device/wwid"))
+                .or_else(|| prop(&disk_udev, "ID_WWN")),
+            partuuid: if is_partition {
+                prop(&udev, "ID_PART_ENTRY_UUID")
+            } else {
+                None
+            },
+            ptable_id: prop(&disk_udev, "ID_PART_TABLE_UUID"),
+            rotational: attr("queue/rotational").map(|v| v == "1"),
+        })
+    }
+
+    /// A stable default series name: WWN or serial for a disk, PARTUUID for a partition, else the
+    /// kernel name or the path.
+    pub fn default_name(&self) -> String {
+        let raw = match self.kind {
+            Kind::Disk => self
+                .wwn
+                .as_ref()
+                .map(|w| format!("disk-{w}"))
+                .or_else(|| self.serial.as_ref().map(|s| format!("disk-{s}"))),
+            Kind::Partition => self.partuuid.as_ref().map(|u| format!("part-{u}")),
+            Kind::File => None,
+        };
+        let raw = raw.unwrap_or_else(|| match (&self.kernel_name, self.kind) {
+            (Some(k), _) => k.clone(),
+            (None, _) => format!("file-{}", self.path.display()),
+        });
+        sanitize_name(&raw)
+    }
+
+    /// Why this device must not be written, if it is mounted, used as swap or held by another
+    /// device (LVM, RAID, dm), itself or through one of its partitions.
+    pub fn in_use_reason(&self) -> Option<String> {
+        let devno = self.devno?;
+        let mut devs = vec![(devno, self.path.display().to_string())];
+        if let Some(sys) = sysfs_dir(devno) {
+            for part in partitions_of(&sys) {
+                if let Some(d) = read_devno(&part.join("dev")) {
+                    devs.push((
+                        d,
+                        format!("partition {}", part.file_name()?.to_string_lossy()),
+                    ));
+                }
+            }
+        }
+        let mounts = mounted_devnos();
+        let swaps = swap_devnos();
+        for (d, label) in &devs {
+            if let Some(mp) = mounts.iter().find(|(m, _)| m == d).map(|(_, p)| p) {
+                return Some(format!("{label} is mounted at {mp}"));
+            }
+            if swaps.contains(d) {
+                return Some(format!("{label} is in use as swap"));
+            }
+            if let Some(h) = sysfs_dir(*d).and_then(|s| first_entry(&s.join("holders"))) {
+                return Some(format!(
+                    "{label} is held by {h} (LVM, RAID or device-mapper)"
+                ));
+            }
+        }
+        None
+    }
+
+    /// True when the filesystem holding `path` lives on this device or on one of its partitions,
+    /// or this device is a partition of the disk holding it.
+    pub fn holds(&self, path: &Path) -> bool {
+        let Some(devno) = self.devno else {
+            return false;
+        };
+        let Ok(meta) = std::fs::metadata(path) else {
+            return false;
+        };
+        let fs_dev = (libc::major(meta.dev()), libc::minor(meta.dev()));
+        let fs_disk = sysfs_dir(fs_dev)
+            .filter(|s| s.join("partition").exists())
+            .and_then(|s| s.parent().and_then(|p| read_devno(&p.join("dev"))));
+        fs_dev == devno
+            || fs_disk == Some(devno)
+            || (self.parent_devno.is_some() && self.parent_devno == Some(fs_dev))
+    }
+}
+
+/// Names of the series come from hardware strings; keep them to the repository's alphabet.
+pub fn sanitize_name(raw: &str) -> String {
+    let mut s: String = raw
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    while s.starts_with(|c: char| !c.is_ascii_alphanumeric()) {
+        s.remove(0);
+    }
+    s.truncate(128);
+    if s.is_empty() {
+        s.push_str("source");
+    }
+    s
+}
+
+fn sysfs_dir(devno: (u32, u32)) -> Option<PathBuf> {
+    std::fs::canonicalize(format!("/sys/dev/block/{}:{}", devno.0, devno.1)).ok()
+}
+
+fn read_trimmed(p: &Path) -> Option<String> {
+    std::fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+fn read_devno(p: &Path) -> Option<(u32, u32)> {
+    let s = read_trimmed(p)?;
+    let (a, b) = s.split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+fn first_entry(dir: &Path) -> Option<String> {
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .next()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+}
+
+fn partitions_of(disk_sys: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(disk_sys) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("partition").exists())
+        .collect()
+}
+
+fn udev_props(devno: (u32, u32)) -> Vec<(String, String)> {
+    let Ok(s) = std::fs::read_to_string(format!("/run/udev/data/b{}:{}", devno.0, devno.1)) else {
+        return Vec::new();
+    };
+    s.lines()
+        .filter_map(|l| l.strip_prefix("E:"))
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// (devno, mount point) for every mounted filesystem, from /proc/self/mountinfo.
+fn mounted_devnos() -> Vec<((u32, u32), String)> {
+    let Ok(s) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    s.lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            let devno = f.nth(2)?;
+            let mp = f.nth(1)?;
+            let (a, b) = devno.split_once(':')?;
+            Some(((a.parse().ok()?, b.parse().ok()?), mp.to_string()))
+        })
+        .collect()
+}
+
+fn swap_devnos() -> Vec<(u32, u32)> {
+    let Ok(s) = std::fs::read_to_string("/proc/swaps") else {
+        return Vec::new();
+    };
+    s.lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .filter(|m| m.file_type().is_block_device())
+        .map(|m| (libc::major(m.rdev()), libc::minor(m.rdev())))
+        .collect()
+}
+
+/// How to do I/O: the environment variable CAIRN_IO=sync forces the fallback (for tests and for
+/// systems where io_uring misbehaves).
+fn forced_sync() -> bool {
+    std::env::var("CAIRN_IO").is_ok_and(|v| v == "sync")
+}
+
+/// An open device or file with its I/O queue. The queue is declared first so it is dropped (and
+/// its ring torn down) before the file descriptor it uses is closed.
+pub struct Handle {
+    pub queue: Box<dyn IoQueue>,
+    pub file: File,
+    pub direct: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    /// Write an existing block device (exclusive open) or a regular file (created if absent).
+    Write,
+}
+
+/// Opens `path` and builds the fastest queue the system allows over it: io_uring with O_DIRECT and
+/// `buffers` registered, else buffered pread/pwrite, saying why in one log line.
+pub fn open(
+    path: &Path,
+    access: Access,
+    is_block: bool,
+    depth: usize,
+    buffers: &[AlignedBuf],
+) -> Result<Handle> {
+    let base = |direct: bool| {
+        let mut o = OpenOptions::new();
+        match access {
+            Access::Read => {
+                o.read(true);
+            }
+            Access::Write => {
+                o.write(true);
+                if !is_block {
+                    o.create(true).mode(0o600);
+                }
+            }
+        }
+        let extra = if direct { libc::O_DIRECT } else { 0 };
+        // O_EXCL on a block device: the open fails with EBUSY when it is mounted or claimed.
+        let excl = if access == Access::Write && is_block {
+            libc::O_EXCL
+        } else {
+            0
+        };
+        o.custom_flags(extra | excl | libc::O_CLOEXEC);
+        o.open(path)
+    };
+    let describe_open_err = |e: std::io::Error| -> anyhow::Error {
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            anyhow::anyhow!(
+                "{} is in use (mounted, or opened exclusively by another program)",
+                path.display()
+            )
+        } else {
+            anyhow::Error::new(e).context(format!("cannot open {}", path.display()))
+        }
+    };
+    let why_sync = if forced_sync() {
+        Some("CAIRN_IO=sync".to_string())
+    } else {
+        match base(true) {
+            Ok(file) => match uring::UringQueue::new(file.as_raw_fd(), depth, buffers) {
+                Ok(q) => {
+                    tracing::debug!("{}: {}", path.display(), q.describe());
+                    return Ok(Handle {
+                        queue: Box::new(q),
+                        file,
+                        direct: true,
+                    });
+                }
+                Err(e) => Some(format!("io_uring unavailable: {e}")),
+            },
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                Some(format!("O_DIRECT refused by {}", fs_name(path)))
+            }
+            Err(e) => return Err(describe_open_err(e)),
+        }
+    };
+    let why = why_sync.expect("set above");
+    let file = base(false).map_err(describe_open_err)?;
+    tracing::warn!(
+        "{}: using buffered pread/pwrite I/O ({why})",
+        path.display()
+    );
+    let q = sync::SyncQueue::new(file.as_raw_fd(), depth, why);
+    Ok(Handle {
+        queue: Box::new(q),
+        file,
+        direct: false,
+    })
+}
+
+fn fs_name(path: &Path) -> String {
+    let dir = if path.exists() {
+        path.to_path_buf()
+    } else {
+        path.parent().map(Path::to_path_buf).unwrap_or_default()
+    };
+    match nix::sys::statfs::statfs(&dir) {
+        Ok(s) if s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC => "tmpfs".into(),
+        _ => "this filesystem".into(),
+    }
+}
+
+/// Makes `[offset, offset+len)` read back as zeros: BLKZEROOUT on a device (the kernel guarantees
+/// zeros, using write-zeroes where the device has it), a punched hole in a file.
+pub fn zero_range(file: &File, is_block: bool, offset: u64, len: u64) -> Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    if is_block {
+        let range = [offset, len];
+        // SAFETY: BLKZEROOUT reads two u64s from the pointer; fd is an open block device.
+        unsafe { ioctl::blkzeroout(file.as_raw_fd(), &range) }
+            .with_context(|| format!("zeroing {len} bytes at offset {offset}"))?;
+    } else {
+        nix::fcntl::fallocate(
+            file.as_raw_fd(),
+            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        )
+        .with_context(|| format!("punching a hole of {len} bytes at offset {offset}"))?;
+    }
+    Ok(())
+}
+
+/// Root is needed for block devices; say so plainly instead of a bare EACCES.
+pub fn require_root_for(path: &Path) -> Result<()> {
+    let is_block = std::fs::metadata(path)
+        .map(|m| m.file_type().is_block_device())
+        .unwrap_or(false);
+    if is_block && !nix::unistd::geteuid().is_root() {
+        bail!(
+            "{} is a block device: run cairn as root (sudo)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_sanitized() {
+        assert_eq!(sanitize_name("disk-ATA WDC/123"), "disk-ATA-WDC-123");
+        assert_eq!(sanitize_name("file-/var/tmp/x.img"), "file--var-tmp-x.img");
+        assert_eq!(sanitize_name("///"), "source");
+    }
+
+    #[test]
+    fn regular_files_probe_as_files() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(12345).unwrap();
+        let info = DeviceInfo::probe(f.path()).unwrap();
+        assert_eq!(info.kind, Kind::File);
+        assert_eq!(info.size, 12345);
+        assert!(info.in_use_reason().is_none());
+    }
+}

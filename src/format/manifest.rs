@@ -1,0 +1,316 @@
+//! The manifest: what an image is, checksummed (docs/format.md, "manifest").
+
+use super::{
+    corrupt, parse_hash_hex, valid_image_id, valid_name, FormatError, Hash, FORMAT_VERSION,
+};
+use serde::{Deserialize, Serialize};
+
+const HEADER_PREFIX: &str = "cairn-manifest ";
+/// A manifest is small; anything larger is damage or an attack.
+pub const MAX_MANIFEST_LEN: u64 = 16 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageKind {
+    Full,
+    Incremental,
+    Differential,
+}
+
+impl ImageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageKind::Full => "full",
+            ImageKind::Incremental => "incremental",
+            ImageKind::Differential => "differential",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    Full,
+    Tracked,
+    CompareScan,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParentRef {
+    pub id: String,
+    pub manifest_blake3: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceIdentity {
+    pub path: String,
+    /// "disk", "partition" or "file".
+    pub kind: String,
+    pub size: u64,
+    pub logical_sector_size: u32,
+    pub physical_sector_size: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wwn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ptable_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IndexRef {
+    pub entries: u64,
+    pub size: u64,
+    pub blake3: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentRef {
+    pub number: u32,
+    pub size: u64,
+    pub blake3: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub bytes_read: u64,
+    pub data_bytes: u64,
+    pub stored_bytes: u64,
+    pub blocks_total: u64,
+    pub blocks_zero: u64,
+    pub blocks_stored: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub id: String,
+    pub name: String,
+    pub kind: ImageKind,
+    pub parent: Option<ParentRef>,
+    pub base_full: Option<String>,
+    pub created_unix: u64,
+    pub created: String,
+    pub tool_version: String,
+    pub method: Method,
+    pub source: SourceIdentity,
+    pub block_size: u32,
+    pub granule: u32,
+    pub codec: String,
+    pub level: i32,
+    pub index: IndexRef,
+    pub segments: Vec<SegmentRef>,
+    pub stats: Stats,
+}
+
+impl Manifest {
+    /// Serialises with the checksummed header line. Returns the bytes and the header hash, which a
+    /// child image records as `parent.manifest_blake3`.
+    pub fn encode(&self) -> (Vec<u8>, Hash) {
+        let body = serde_json::to_vec_pretty(self).expect("manifest serialises");
+        let hash = *blake3::hash(&body).as_bytes();
+        let mut out = format!(
+            "{HEADER_PREFIX}{FORMAT_VERSION} blake3={}\n",
+            super::hash_hex(&hash)
+        )
+        .into_bytes();
+        out.extend_from_slice(&body);
+        (out, hash)
+    }
+
+    /// Parses and validates a manifest. Returns it with its header hash.
+    pub fn decode(b: &[u8]) -> Result<(Self, Hash), FormatError> {
+        if b.len() as u64 > MAX_MANIFEST_LEN {
+            return Err(corrupt(format!(
+                "manifest is {} bytes, larger than any cairn writes",
+                b.len()
+            )));
+        }
+        let nl = b
+            .iter()
+            .take(200)
+            .position(|&c| c == b'\n')
+            .ok_or_else(|| corrupt("manifest has no header line"))?;
+        let header =
+            std::str::from_utf8(&b[..nl]).map_err(|_| corrupt("manifest header is not text"))?;
+        let rest = header
+            .strip_prefix(HEADER_PREFIX)
+            .ok_or_else(|| corrupt("not a cairn manifest (bad header line)"))?;
+        let (version, hash) = rest
+            .split_once(' ')
+            .ok_or_else(|| corrupt("manifest header line malformed"))?;
+        let version: u64 = version
+            .parse()
+            .map_err(|_| corrupt(format!("manifest version {version:?} is not a number")))?;
+        if version != u64::from(FORMAT_VERSION) {
+            return Err(FormatError::UnknownVersion { found: version });
+        }
+        let want = hash
+            .strip_prefix("blake3=")
+            .and_then(parse_hash_hex)
+            .ok_or_else(|| corrupt("manifest header has no valid blake3"))?;
+        let body = &b[nl + 1..];
+        let got = *blake3::hash(body).as_bytes();
+        if got != want {
+            return Err(corrupt(
+                "manifest checksum mismatch (the manifest is damaged)",
+            ));
+        }
+        let m: Manifest = serde_json::from_slice(body)
+            .map_err(|e| corrupt(format!("manifest JSON invalid: {e}")))?;
+        m.validate()?;
+        Ok((m, got))
+    }
+
+    fn validate(&self) -> Result<(), FormatError> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(FormatError::UnknownVersion {
+                found: self.format_version.into(),
+            });
+        }
+        if !valid_image_id(&self.id) {
+            return Err(corrupt(format!("invalid image id {:?}", self.id)));
+        }
+        if !valid_name(&self.name) {
+            return Err(corrupt(format!("invalid name {:?}", self.name)));
+        }
+        let bs = self.block_size;
+        if !bs.is_power_of_two() || !(super::MIN_BLOCK_SIZE..=super::MAX_BLOCK_SIZE).contains(&bs) {
+            return Err(corrupt(format!("block size {bs} out of range")));
+        }
+        if !self.granule.is_power_of_two() || self.granule > bs || self.granule < 4096 {
+            return Err(corrupt(format!("granule {} invalid", self.granule)));
+        }
+        if self.codec != "zstd" {
+            return Err(corrupt(format!("unknown codec {:?}", self.codec)));
+        }
+        match (self.kind, &self.parent, &self.base_full) {
+            (ImageKind::Full, None, None) => {}
+            (ImageKind::Full, _, _) => return Err(corrupt("full image with a parent")),
+            (_, Some(p), Some(base)) => {
+                if !valid_image_id(&p.id)
+                    || !valid_image_id(base)
+                    || parse_hash_hex(&p.manifest_blake3).is_none()
+                {
+                    return Err(corrupt("invalid parent reference"));
+                }
+            }
+            _ => {
+                return Err(corrupt(
+                    "incremental or differential image without a parent",
+                ))
+            }
+        }
+        for (i, s) in self.segments.iter().enumerate() {
+            if s.number as usize != i || parse_hash_hex(&s.blake3).is_none() {
+                return Err(corrupt(format!("segment list entry {i} invalid")));
+            }
+        }
+        if parse_hash_hex(&self.index.blake3).is_none() {
+            return Err(corrupt("index hash invalid"));
+        }
+        if self.index.size
+            != super::Index::encoded_len(0)
+                + self
+                    .index
+                    .entries
+                    .saturating_mul(super::INDEX_ENTRY_LEN as u64)
+        {
+            return Err(corrupt("index size does not match its entry count"));
+        }
+        Ok(())
+    }
+
+    pub fn geometry(&self) -> super::index::Geometry {
+        super::index::Geometry {
+            source_size: self.source.size,
+            block_size: self.block_size,
+            granule: self.granule,
+            segments: self.segments.len() as u32,
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub fn sample() -> Manifest {
+        Manifest {
+            format_version: FORMAT_VERSION,
+            id: "20261126T141500Z".into(),
+            name: "disk-test".into(),
+            kind: ImageKind::Full,
+            parent: None,
+            base_full: None,
+            created_unix: 1_795_000_000,
+            created: "2026-11-26T14:15:00Z".into(),
+            tool_version: "cairn 0.1.0".into(),
+            method: Method::Full,
+            source: SourceIdentity {
+                path: "/dev/x".into(),
+                kind: "disk".into(),
+                size: 1 << 30,
+                logical_sector_size: 512,
+                physical_sector_size: 4096,
+                ..Default::default()
+            },
+            block_size: 1 << 20,
+            granule: 64 << 10,
+            codec: "zstd".into(),
+            level: 1,
+            index: IndexRef {
+                entries: 0,
+                size: 64,
+                blake3: "00".repeat(32),
+            },
+            segments: vec![SegmentRef {
+                number: 0,
+                size: 32,
+                blake3: "11".repeat(32),
+            }],
+            stats: Stats::default(),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_hash() {
+        let m = sample();
+        let (b, h) = m.encode();
+        let (back, h2) = Manifest::decode(&b).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(h, h2);
+    }
+
+    #[test]
+    fn damage_and_versions_are_reported() {
+        let (b, _) = sample().encode();
+        let mut c = b.clone();
+        let last = c.len() - 3;
+        c[last] ^= 1;
+        assert!(matches!(Manifest::decode(&c), Err(FormatError::Corrupt(_))));
+        let text =
+            String::from_utf8(b)
+                .unwrap()
+                .replacen("cairn-manifest 1 ", "cairn-manifest 99 ", 1);
+        assert!(matches!(
+            Manifest::decode(text.as_bytes()),
+            Err(FormatError::UnknownVersion { found: 99 })
+        ));
+        assert!(Manifest::decode(b"").is_err());
+        assert!(Manifest::decode(b"cairn-manifest 1 blake3=zz\n{}").is_err());
+    }
+
+    #[test]
+    fn rejects_path_like_ids() {
+        let mut m = sample();
+        m.id = "../../etc".into();
+        let (b, _) = m.encode();
+        assert!(Manifest::decode(&b).is_err());
+    }
+}

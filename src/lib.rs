@@ -1,0 +1,15 @@
+//! cairn: a sector-level disk imager for Linux.
+//!
+//! Data flows one way: device (source reader) → backup (block stage) → repo/format (segment writer);
+//! restore is the mirror image. See docs/format.md for the on-disk format.
+
+pub mod backup;
+pub mod chain;
+pub mod cli;
+pub mod device;
+pub mod format;
+pub mod list;
+pub mod progress;
+pub mod repo;
+pub mod restore;
+pub mod verify;

@@ -1,0 +1,593 @@
+//! The repository: directories, the lock, writing an image crash-safely, and reading images back
+//! with every byte checked (docs/format.md, "Repository").
+
+use crate::format::frame::{image_tag, Codec};
+use crate::format::{
+    self, hash_hex, parse_hash_hex, segment_file_name, Entry, FormatError, FrameHeader, Index,
+    Manifest, SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
+};
+use anyhow::{anyhow, bail, Context, Result};
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+const MARKER: &str = "cairn-repository";
+const MARKER_BODY: &str = "{\"format\":\"cairn-repository\",\"version\":1}\n";
+
+pub struct Repository {
+    pub root: PathBuf,
+}
+
+/// Holds the repository's exclusive lock until dropped.
+pub struct RepoLock {
+    _file: File,
+}
+
+impl Repository {
+    /// Opens an existing repository for reading.
+    pub fn open(root: &Path) -> Result<Repository> {
+        if !root.join(MARKER).is_file() {
+            if !root.exists() {
+                bail!("repository {} does not exist", root.display());
+            }
+            bail!(
+                "{} is not a cairn repository (no {MARKER} file)",
+                root.display()
+            );
+        }
+        Ok(Repository {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Opens a repository for writing, creating it when the directory is absent or empty. A
+    /// non-empty directory without the marker is refused: it is somebody else's data.
+    pub fn open_or_create(root: &Path) -> Result<Repository> {
+        if root.join(MARKER).is_file() {
+            return Ok(Repository {
+                root: root.to_path_buf(),
+            });
+        }
+        if root.exists() {
+            let mut rd =
+                fs::read_dir(root).with_context(|| format!("cannot read {}", root.display()))?;
+            if rd.next().is_some() {
+                bail!(
+                    "{} is not empty and is not a cairn repository; choose an empty or new directory",
+                    root.display()
+                );
+            }
+        } else {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root)
+                .with_context(|| {
+                    format!("cannot create repository directory {}", root.display())
+                })?;
+        }
+        for d in ["images", "tmp"] {
+            mkdir_private(&root.join(d))?;
+        }
+        write_file_synced(&root.join(MARKER), MARKER_BODY.as_bytes())?;
+        sync_dir(root)?;
+        Ok(Repository {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn images_dir(&self) -> PathBuf {
+        self.root.join("images")
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    /// Takes the writer lock, refusing (not waiting) when another cairn holds it.
+    pub fn lock(&self) -> Result<RepoLock> {
+        let path = self.root.join("lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open lock file {}", path.display()))?;
+        // SAFETY: flock takes an open descriptor and an operation constant; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = nix::errno::Errno::last();
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            if e == nix::errno::Errno::EWOULDBLOCK {
+                bail!(
+                    "repository {} is locked by another cairn process{}; wait for it to finish and retry",
+                    self.root.display(),
+                    if holder.is_empty() { String::new() } else { format!(" (pid {holder})") }
+                );
+            }
+            return Err(anyhow!(e).context(format!("cannot lock {}", path.display())));
+        }
+        file.set_len(0)?;
+        file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0)?;
+        Ok(RepoLock { _file: file })
+    }
+
+    /// Removes what interrupted backups left in tmp/. Call with the lock held.
+    pub fn remove_leftovers(&self, _lock: &RepoLock) -> Result<usize> {
+        let tmp = self.tmp_dir();
+        mkdir_private(&tmp)?;
+        let mut n = 0;
+        for e in fs::read_dir(&tmp)?.flatten() {
+            let p = e.path();
+            let r = if p.is_dir() {
+                fs::remove_dir_all(&p)
+            } else {
+                fs::remove_file(&p)
+            };
+            r.with_context(|| format!("cannot remove leftover {}", p.display()))?;
+            n += 1;
+        }
+        if n > 0 {
+            tracing::info!(
+                "removed {n} leftover(s) of interrupted backups from {}",
+                tmp.display()
+            );
+            sync_dir(&tmp)?;
+        }
+        Ok(n)
+    }
+
+    /// A fresh image id from the creation time, made unique within the repository.
+    pub fn new_image_id(&self, created_unix: u64, _lock: &RepoLock) -> String {
+        let t = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(created_unix),
+        )
+        .to_string();
+        let base: String = t.chars().filter(|c| *c != '-' && *c != ':').collect();
+        let taken =
+            |id: &str| self.images_dir().join(id).exists() || self.tmp_dir().join(id).exists();
+        if !taken(&base) {
+            return base;
+        }
+        (2..)
+            .map(|n| format!("{base}-{n}"))
+            .find(|id| !taken(id))
+            .expect("unbounded")
+    }
+
+    /// Every image directory's id, sorted (ids sort by creation time).
+    pub fn image_ids(&self) -> Result<Vec<String>> {
+        let dir = self.images_dir();
+        let mut ids = Vec::new();
+        for e in fs::read_dir(&dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if format::valid_image_id(&name) && e.path().is_dir() {
+                ids.push(name);
+            }
+        }
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Loads an image's manifest (checked) without its index.
+    pub fn load_manifest(&self, id: &str) -> Result<(Manifest, format::Hash)> {
+        if !format::valid_image_id(id) {
+            bail!("{id:?} is not a valid image id");
+        }
+        let path = self.images_dir().join(id).join("manifest");
+        let bytes = read_bounded(&path, format::manifest::MAX_MANIFEST_LEN)
+            .with_context(|| format!("image {id}: cannot read manifest"))?;
+        let (m, h) = Manifest::decode(&bytes).map_err(|e| image_error(id, "manifest", None, e))?;
+        if m.id != id {
+            bail!(
+                "image {id}: manifest belongs to image {:?} (moved or copied by hand?)",
+                m.id
+            );
+        }
+        Ok((m, h))
+    }
+
+    /// Loads an image with its index, checking the index against the manifest.
+    pub fn load_image(&self, id: &str) -> Result<Image> {
+        let (manifest, manifest_hash) = self.load_manifest(id)?;
+        let dir = self.images_dir().join(id);
+        let ipath = dir.join("index");
+        let bytes = read_bounded(&ipath, manifest.index.size.max(64))
+            .with_context(|| format!("image {id}: cannot read index"))?;
+        if bytes.len() as u64 != manifest.index.size {
+            bail!(
+                "image {id}: index is {} bytes, the manifest says {} (truncated or replaced)",
+                bytes.len(),
+                manifest.index.size
+            );
+        }
+        if parse_hash_hex(&manifest.index.blake3) != Some(*blake3::hash(&bytes).as_bytes()) {
+            bail!("image {id}: index checksum does not match the manifest (the index is damaged)");
+        }
+        let index = Index::decode(&bytes, &manifest.geometry())
+            .map_err(|e| image_error(id, "index", None, e))?;
+        Ok(Image {
+            dir,
+            manifest,
+            manifest_hash,
+            index,
+        })
+    }
+
+    pub fn begin_image(
+        &self,
+        id: &str,
+        segment_size: u64,
+        _lock: &RepoLock,
+    ) -> Result<ImageWriter> {
+        let dir = self.tmp_dir().join(id);
+        mkdir_private(&dir)?;
+        Ok(ImageWriter {
+            repo_images: self.images_dir(),
+            repo_tmp: self.tmp_dir(),
+            dir,
+            id: id.to_string(),
+            tag: image_tag(id),
+            segment_size,
+            current: None,
+            finished: Vec::new(),
+            committed: false,
+        })
+    }
+}
+
+pub fn image_error(id: &str, file: &str, offset: Option<u64>, e: FormatError) -> anyhow::Error {
+    match offset {
+        Some(o) => anyhow!("image {id}, {file}, offset {o}: {e}"),
+        None => anyhow!("image {id}, {file}: {e}"),
+    }
+}
+
+fn mkdir_private(p: &Path) -> Result<()> {
+    match fs::DirBuilder::new().mode(0o700).create(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(anyhow!(e).context(format!("cannot create {}", p.display()))),
+    }
+}
+
+fn create_private(p: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(p)
+        .with_context(|| format!("cannot create {}", p.display()))
+}
+
+fn write_file_synced(p: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = create_private(p)?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", p.display()))?;
+    f.sync_all()
+        .with_context(|| format!("fsync {}", p.display()))?;
+    Ok(())
+}
+
+pub fn sync_dir(p: &Path) -> Result<()> {
+    File::open(p)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("fsync directory {}", p.display()))
+}
+
+/// Reads a whole file, refusing one larger than `max` before allocating for it.
+fn read_bounded(p: &Path, max: u64) -> Result<Vec<u8>> {
+    let f = File::open(p).with_context(|| format!("{}", p.display()))?;
+    let len = f.metadata()?.len();
+    if len > max {
+        bail!(
+            "{} is {len} bytes, more than the {max} expected",
+            p.display()
+        );
+    }
+    let mut v = Vec::with_capacity(len as usize);
+    f.take(max).read_to_end(&mut v)?;
+    Ok(v)
+}
+
+/// Writes one image under tmp/ and moves it into images/ only when every byte is on disk.
+pub struct ImageWriter {
+    repo_images: PathBuf,
+    repo_tmp: PathBuf,
+    dir: PathBuf,
+    id: String,
+    tag: [u8; 12],
+    segment_size: u64,
+    current: Option<OpenSegment>,
+    finished: Vec<format::manifest::SegmentRef>,
+    committed: bool,
+}
+
+struct OpenSegment {
+    number: u32,
+    file: File,
+    len: u64,
+    hasher: blake3::Hasher,
+    /// Bytes handed to writeback so far; starting writeback early keeps dirty memory low and
+    /// makes the final fsync short.
+    flushed: u64,
+}
+
+/// Start writeback every this many bytes.
+const WRITEBACK_CHUNK: u64 = 32 << 20;
+
+impl ImageWriter {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Appends one frame, returning (segment number, offset of the frame header).
+    pub fn append(&mut self, header: &FrameHeader, payload: &[u8]) -> Result<(u32, u64)> {
+        let need = (FRAME_HEADER_LEN + payload.len()) as u64;
+        let roll = match &self.current {
+            None => true,
+            Some(s) => s.len + need > self.segment_size && s.len > SEGMENT_HEADER_LEN as u64,
+        };
+        if roll {
+            self.close_segment()?;
+            let number = self.finished.len() as u32;
+            let path = self.dir.join(segment_file_name(number));
+            let mut file = create_private(&path)?;
+            let h = SegmentHeader {
+                number,
+                image_tag: self.tag,
+            }
+            .encode();
+            file.write_all(&h)
+                .with_context(|| format!("writing {}", path.display()))?;
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(&h);
+            self.current = Some(OpenSegment {
+                number,
+                file,
+                len: h.len() as u64,
+                hasher,
+                flushed: 0,
+            });
+        }
+        let seg = self.current.as_mut().expect("segment open");
+        let at = seg.len;
+        let hb = header.encode();
+        seg.file
+            .write_all(&hb)
+            .and_then(|()| seg.file.write_all(payload))
+            .with_context(|| format!("writing {}", segment_file_name(seg.number)))?;
+        seg.hasher.update(&hb);
+        seg.hasher.update(payload);
+        seg.len += need;
+        if seg.len - seg.flushed >= WRITEBACK_CHUNK {
+            start_writeback(&seg.file, seg.flushed, seg.len - seg.flushed);
+            seg.flushed = seg.len;
+        }
+        Ok((seg.number, at))
+    }
+
+    fn close_segment(&mut self) -> Result<()> {
+        if let Some(seg) = self.current.take() {
+            seg.file
+                .sync_all()
+                .with_context(|| format!("fsync {}", segment_file_name(seg.number)))?;
+            self.finished.push(format::manifest::SegmentRef {
+                number: seg.number,
+                size: seg.len,
+                blake3: seg.hasher.finalize().to_hex().to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Closes the last segment and returns the segment list for the manifest.
+    pub fn finish_segments(&mut self) -> Result<Vec<format::manifest::SegmentRef>> {
+        self.close_segment()?;
+        Ok(self.finished.clone())
+    }
+
+    /// Writes index and manifest, then atomically publishes the image.
+    pub fn commit(mut self, index_bytes: &[u8], manifest_bytes: &[u8]) -> Result<PathBuf> {
+        self.close_segment()?;
+        write_file_synced(&self.dir.join("index"), index_bytes)?;
+        write_file_synced(&self.dir.join("manifest"), manifest_bytes)?;
+        sync_dir(&self.dir)?;
+        let dest = self.repo_images.join(&self.id);
+        fs::rename(&self.dir, &dest)
+            .with_context(|| format!("cannot publish image {}", self.id))?;
+        sync_dir(&self.repo_images)?;
+        sync_dir(&self.repo_tmp)?;
+        self.committed = true;
+        Ok(dest)
+    }
+}
+
+impl Drop for ImageWriter {
+    /// A failed backup removes its partial image at once (best effort); anything a crash leaves is
+    /// removed by the next backup.
+    fn drop(&mut self) {
+        if !self.committed {
+            self.current = None;
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    // SAFETY: sync_file_range only reads its integer arguments; a failure just means writeback
+    // starts later, at fsync.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as i64,
+            len as i64,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+/// A complete image: checked manifest and index.
+pub struct Image {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub manifest_hash: format::Hash,
+    pub index: Index,
+}
+
+impl Image {
+    pub fn id(&self) -> &str {
+        &self.manifest.id
+    }
+
+    /// Checks that every segment file exists with the size the manifest records (cheap; run before
+    /// anything is written to a target).
+    pub fn check_segments_present(&self) -> Result<()> {
+        for s in &self.manifest.segments {
+            let name = segment_file_name(s.number);
+            let p = self.dir.join(&name);
+            let len = fs::metadata(&p)
+                .map_err(|e| anyhow!("image {}: segment {name} is missing ({e})", self.id()))?
+                .len();
+            if len != s.size {
+                bail!(
+                    "image {}: segment {name} is {len} bytes, the manifest says {} (truncated or damaged)",
+                    self.id(),
+                    s.size
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn segment_reader(&self) -> SegmentReader {
+        SegmentReader {
+            image_id: self.id().to_string(),
+            dir: self.dir.clone(),
+            tag: image_tag(self.id()),
+            open: Vec::new(),
+        }
+    }
+}
+
+/// Reads frames from an image's segments, checking header and payload crc against the index.
+pub struct SegmentReader {
+    image_id: String,
+    dir: PathBuf,
+    tag: [u8; 12],
+    open: Vec<Option<File>>,
+}
+
+impl SegmentReader {
+    fn segment(&mut self, n: u32) -> Result<&File> {
+        let i = n as usize;
+        if self.open.len() <= i {
+            self.open.resize_with(i + 1, || None);
+        }
+        if self.open[i].is_none() {
+            let name = segment_file_name(n);
+            let f = File::open(self.dir.join(&name))
+                .map_err(|e| anyhow!("image {}: cannot open {name}: {e}", self.image_id))?;
+            let mut h = [0u8; SEGMENT_HEADER_LEN];
+            f.read_exact_at(&mut h, 0).map_err(|e| {
+                anyhow!(
+                    "image {}, {name}, offset 0: cannot read segment header: {e}",
+                    self.image_id
+                )
+            })?;
+            let sh = SegmentHeader::decode(&h)
+                .map_err(|e| image_error(&self.image_id, &name, Some(0), e))?;
+            if sh.number != n || sh.image_tag != self.tag {
+                bail!(
+                    "image {}, {name}: segment belongs to another image or position",
+                    self.image_id
+                );
+            }
+            self.open[i] = Some(f);
+        }
+        Ok(self.open[i].as_ref().expect("opened"))
+    }
+
+    /// Reads the stored payload of `e` into `out`, checking the frame header against the entry and
+    /// the payload's crc. Returns the codec.
+    pub fn read_payload(&mut self, e: &Entry, out: &mut Vec<u8>) -> Result<Codec> {
+        let id = self.image_id.clone();
+        let name = segment_file_name(e.segment);
+        let at = e.segment_offset;
+        let f = self.segment(e.segment)?;
+        let mut hb = [0u8; FRAME_HEADER_LEN];
+        f.read_exact_at(&mut hb, at).map_err(|err| {
+            anyhow!("image {id}, {name}, offset {at}: cannot read frame header: {err}")
+        })?;
+        let h = FrameHeader::decode(&hb).map_err(|err| image_error(&id, &name, Some(at), err))?;
+        let codec = e
+            .kind
+            .codec()
+            .ok_or_else(|| anyhow!("zero extents have no payload"))?;
+        if h.codec != codec
+            || h.offset != e.offset
+            || h.length != e.length
+            || h.stored_length != e.stored_length
+            || h.crc != e.crc
+        {
+            bail!(
+                "image {id}, {name}, offset {at}: frame header does not match the index (block at source offset {})",
+                e.offset
+            );
+        }
+        out.clear();
+        out.resize(e.stored_length as usize, 0);
+        let pat = at + FRAME_HEADER_LEN as u64;
+        f.read_exact_at(out, pat).map_err(|err| {
+            anyhow!(
+                "image {id}, {name}, offset {pat}: cannot read {} payload bytes: {err}",
+                e.stored_length
+            )
+        })?;
+        if crc32fast::hash(out) != e.crc {
+            bail!(
+                "image {id}, {name}, offset {pat}: block at source offset {} is damaged (crc mismatch)",
+                e.offset
+            );
+        }
+        Ok(codec)
+    }
+
+    pub fn image_id(&self) -> &str {
+        &self.image_id
+    }
+}
+
+/// Decodes a checked payload and checks the plaintext's blake3 against the entry.
+pub fn decode_checked(
+    image_id: &str,
+    e: &Entry,
+    codec: Codec,
+    payload: &[u8],
+    dctx: &mut zstd::bulk::Decompressor<'_>,
+    out: &mut [u8],
+) -> Result<()> {
+    let name = segment_file_name(e.segment);
+    let at = e.segment_offset + FRAME_HEADER_LEN as u64;
+    format::frame::decode_payload(codec, payload, out, dctx)
+        .map_err(|err| image_error(image_id, &name, Some(at), err))?;
+    if blake3::hash(out).as_bytes() != &e.hash {
+        bail!(
+            "image {image_id}, {name}, offset {at}: block at source offset {} is damaged (hash mismatch)",
+            e.offset
+        );
+    }
+    Ok(())
+}
+
+pub fn manifest_hash_hex(h: &format::Hash) -> String {
+    hash_hex(h)
+}

@@ -1,0 +1,240 @@
+//! Verify: read every byte of an image's segments once, checking each frame against the index
+//! (header, crc, decoded length, blake3) and each segment against the manifest's hash; then say,
+//! per restore point, whether its whole chain is intact.
+
+use crate::format::{
+    segment_file_name, FrameHeader, SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
+};
+use crate::progress::Progress;
+use crate::repo::{decode_checked, image_error, Image, Repository};
+use anyhow::{anyhow, Result};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Read};
+
+/// Error messages kept per image; past this many, damage is counted but not listed.
+const MAX_ERRORS: usize = 20;
+
+#[derive(Debug, Serialize)]
+pub struct ImageStatus {
+    pub id: String,
+    pub name: Option<String>,
+    pub kind: Option<&'static str>,
+    /// "ok" or "damaged".
+    pub status: &'static str,
+    /// True when this image and every image it depends on are intact.
+    pub restorable: bool,
+    pub damaged_blocks: u64,
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VerifyReport {
+    pub ok: bool,
+    pub images: Vec<ImageStatus>,
+}
+
+pub fn run(
+    repo: &Repository,
+    name: Option<&str>,
+    image: Option<&str>,
+    progress: &Progress,
+) -> Result<VerifyReport> {
+    let selected: Vec<String> = match (name, image) {
+        (_, Some(id)) => {
+            crate::restore::select_image(repo, name, Some(id))?;
+            vec![id.to_string()]
+        }
+        (Some(n), None) => {
+            let ids: Vec<String> = repo
+                .image_ids()?
+                .into_iter()
+                .filter(|id| {
+                    repo.load_manifest(id)
+                        .map(|(m, _)| m.name == n)
+                        .unwrap_or(false)
+                })
+                .collect();
+            if ids.is_empty() {
+                anyhow::bail!("no image named {n:?} in {}", repo.root.display());
+            }
+            ids
+        }
+        (None, None) => repo.image_ids()?,
+    };
+    // Check each image once, including ancestors the selected ones depend on.
+    let mut checked: HashMap<String, (bool, Option<String>)> = HashMap::new();
+    let mut images = Vec::new();
+    for id in &selected {
+        let Checked { mut status, parent } = check_image(repo, id, progress);
+        checked.insert(id.clone(), (status.status == "ok", parent.clone()));
+        let mut chain_ok = status.status == "ok";
+        let mut next = parent;
+        let mut hops = 0;
+        while let (true, Some(p)) = (chain_ok, next.take()) {
+            hops += 1;
+            if hops > 100_000 {
+                chain_ok = false;
+                break;
+            }
+            if !checked.contains_key(&p) {
+                let c = check_image(repo, &p, progress);
+                checked.insert(p.clone(), (c.status.status == "ok", c.parent));
+            }
+            let (ok, grandparent) = checked[&p].clone();
+            if !ok {
+                status.errors.push(format!("depends on damaged image {p}"));
+            }
+            chain_ok = ok;
+            next = grandparent;
+        }
+        status.restorable = chain_ok;
+        images.push(status);
+    }
+    let ok = images.iter().all(|i| i.status == "ok" && i.restorable);
+    Ok(VerifyReport { ok, images })
+}
+
+struct Checked {
+    status: ImageStatus,
+    parent: Option<String>,
+}
+
+fn check_image(repo: &Repository, id: &str, progress: &Progress) -> Checked {
+    let mut st = ImageStatus {
+        id: id.to_string(),
+        name: None,
+        kind: None,
+        status: "ok",
+        restorable: false,
+        damaged_blocks: 0,
+        errors: Vec::new(),
+    };
+    let img = match repo.load_image(id) {
+        Ok(img) => img,
+        Err(e) => {
+            st.status = "damaged";
+            st.errors.push(format!("{e:#}"));
+            return Checked {
+                status: st,
+                parent: None,
+            };
+        }
+    };
+    st.name = Some(img.manifest.name.clone());
+    st.kind = Some(img.manifest.kind.as_str());
+    let parent = img.manifest.parent.as_ref().map(|p| p.id.clone());
+    let total: u64 = img.manifest.segments.iter().map(|s| s.size).sum();
+    progress.start(total, &format!("verifying {id}"));
+    for seg in &img.manifest.segments {
+        if let Err(e) = check_segment(&img, seg.number, &mut st, progress) {
+            st.errors.push(format!("{e:#}"));
+        }
+    }
+    progress.finish();
+    if st.errors.len() > MAX_ERRORS {
+        let more = st.errors.len() - MAX_ERRORS;
+        st.errors.truncate(MAX_ERRORS);
+        st.errors.push(format!("... and {more} more"));
+    }
+    if !st.errors.is_empty() {
+        st.status = "damaged";
+    }
+    Checked { status: st, parent }
+}
+
+/// Streams one segment front to back: every byte must belong to the header or to a frame the
+/// index names, in order, and the whole file must hash to the manifest's value.
+fn check_segment(
+    img: &Image,
+    number: u32,
+    st: &mut ImageStatus,
+    progress: &Progress,
+) -> Result<()> {
+    let id = img.id();
+    let name = segment_file_name(number);
+    let want = &img.manifest.segments[number as usize];
+    let file = File::open(img.dir.join(&name))
+        .map_err(|e| anyhow!("image {id}: {name} is missing: {e}"))?;
+    let actual_len = file.metadata()?.len();
+    if actual_len != want.size {
+        st.errors.push(format!(
+            "image {id}, {name}: {actual_len} bytes, the manifest says {} (truncated or damaged)",
+            want.size
+        ));
+    }
+    let mut r = BufReader::with_capacity(4 << 20, file);
+    let mut hasher = blake3::Hasher::new();
+    let mut hb = [0u8; SEGMENT_HEADER_LEN];
+    r.read_exact(&mut hb)
+        .map_err(|e| anyhow!("image {id}, {name}, offset 0: {e}"))?;
+    hasher.update(&hb);
+    SegmentHeader::decode(&hb).map_err(|e| image_error(id, &name, Some(0), e))?;
+    let mut entries: Vec<_> = img
+        .index
+        .entries
+        .iter()
+        .filter(|e| e.kind.codec().is_some() && e.segment == number)
+        .collect();
+    entries.sort_by_key(|e| e.segment_offset);
+    let mut pos = SEGMENT_HEADER_LEN as u64;
+    let mut dctx = zstd::bulk::Decompressor::new()?;
+    let mut payload = Vec::new();
+    let mut plain = Vec::new();
+    for e in entries {
+        if e.segment_offset != pos {
+            return Err(anyhow!(
+                "image {id}, {name}, offset {pos}: the index expects the next frame at {}; the segment is damaged",
+                e.segment_offset
+            ));
+        }
+        let mut fh = [0u8; FRAME_HEADER_LEN];
+        r.read_exact(&mut fh).map_err(|err| {
+            anyhow!("image {id}, {name}, offset {pos}: frame header unreadable: {err}")
+        })?;
+        hasher.update(&fh);
+        payload.resize(e.stored_length as usize, 0);
+        let ppos = pos + FRAME_HEADER_LEN as u64;
+        r.read_exact(&mut payload).map_err(|err| {
+            anyhow!("image {id}, {name}, offset {ppos}: payload unreadable (truncated?): {err}")
+        })?;
+        hasher.update(&payload);
+        pos = ppos + u64::from(e.stored_length);
+        progress.advance(FRAME_HEADER_LEN as u64 + u64::from(e.stored_length));
+        let frame_ok = FrameHeader::decode(&fh)
+            .map_err(|err| image_error(id, &name, Some(ppos - FRAME_HEADER_LEN as u64), err))
+            .and_then(|h| {
+                if Some(h.codec) != e.kind.codec() || h.offset != e.offset || h.length != e.length || h.stored_length != e.stored_length || h.crc != e.crc {
+                    Err(anyhow!("image {id}, {name}, offset {}: frame header does not match the index", ppos - 32))
+                } else if crc32fast::hash(&payload) != e.crc {
+                    Err(anyhow!(
+                        "image {id}, {name}, offset {ppos}: block at source offset {} is damaged (crc mismatch)",
+                        e.offset
+                    ))
+                } else {
+                    plain.resize(e.length as usize, 0);
+                    decode_checked(id, e, h.codec, &payload, &mut dctx, &mut plain)
+                }
+            });
+        if let Err(err) = frame_ok {
+            st.damaged_blocks += 1;
+            st.errors.push(format!("{err:#}"));
+        }
+    }
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest)?;
+    if !rest.is_empty() {
+        st.errors.push(format!(
+            "image {id}, {name}, offset {pos}: {} bytes not described by the index",
+            rest.len()
+        ));
+    }
+    hasher.update(&rest);
+    if Some(*hasher.finalize().as_bytes()) != crate::format::parse_hash_hex(&want.blake3) {
+        st.errors.push(format!(
+            "image {id}, {name}: segment hash does not match the manifest"
+        ));
+    }
+    Ok(())
+}
