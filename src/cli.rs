@@ -182,7 +182,7 @@ pub fn main() -> Result<()> {
             let r = backup::run(&opts, &progress)?;
             if cli.json {
                 print_json(&r);
-            } else {
+            } else if !cli.quiet {
                 if let Some(n) = &r.note {
                     eprintln!("note: {n}");
                 }
@@ -213,7 +213,7 @@ pub fn main() -> Result<()> {
             let r = restore::run(&opts, &progress)?;
             if cli.json {
                 print_json(&r);
-            } else {
+            } else if !cli.quiet {
                 eprintln!(
                     "restored image {} ({}) onto {}: {} written, {} zeroed, {:.1} s; every block verified",
                     r.id,
@@ -235,7 +235,7 @@ pub fn main() -> Result<()> {
             )?;
             if cli.json {
                 print_json(&r);
-            } else {
+            } else if !cli.quiet {
                 for i in &r.images {
                     let what = match (i.status, i.restorable) {
                         ("ok", true) => "ok".to_string(),
@@ -280,16 +280,13 @@ pub fn main() -> Result<()> {
                 eprintln!("no images in {}", repo.root.display());
             } else {
                 println!(
-                    "{:<20} {:<24} {:<12} {:<20} {:>12} {:>12} {:>12}  STATUS",
-                    "ID", "NAME", "KIND", "PARENT", "SOURCE", "DATA", "STORED"
+                    "{:<20} {:<24} {:<12} {:<20} {:>8} {:>8} {:>8}  {:<20} STATUS",
+                    "ID", "NAME", "KIND", "PARENT", "SIZE", "DATA", "STORED", "CREATED"
                 );
-                let gib = |v: Option<u64>| {
-                    v.map(|b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
-                        .unwrap_or_else(|| "?".into())
-                };
+                let gib = |v: Option<u64>| v.map(short_bytes).unwrap_or_else(|| "?".into());
                 for r in rows {
                     println!(
-                        "{:<20} {:<24} {:<12} {:<20} {:>12} {:>12} {:>12}  {}",
+                        "{:<20} {:<24} {:<12} {:<20} {:>8} {:>8} {:>8}  {:<20} {}",
                         r.id,
                         r.name.as_deref().unwrap_or("?"),
                         r.kind.unwrap_or("?"),
@@ -297,6 +294,7 @@ pub fn main() -> Result<()> {
                         gib(r.source_size),
                         gib(r.data_bytes),
                         gib(r.stored_bytes),
+                        r.created.as_deref().unwrap_or("?"),
                         r.status
                     );
                 }
@@ -304,6 +302,21 @@ pub fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// "1.5G"-style sizes for table columns.
+fn short_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["K", "M", "G", "T", "P"];
+    if n < 1024 {
+        return format!("{n}B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1}{}", UNITS[u])
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {

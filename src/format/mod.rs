@@ -50,7 +50,7 @@ pub fn hash_hex(h: &Hash) -> String {
 }
 
 pub fn parse_hash_hex(s: &str) -> Option<Hash> {
-    if s.len() != 64 || !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+    if s.len() != 64 || !s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
     let mut out = [0u8; 32];
