@@ -364,7 +364,7 @@ impl ImageWriter {
         seg.file
             .write_all(&hb)
             .and_then(|()| seg.file.write_all(payload))
-            .with_context(|| format!("writing {}", segment_file_name(seg.number)))?;
+            .map_err(|e| write_error(e, &self.dir, &segment_file_name(seg.number)))?;
         seg.hasher.update(&hb);
         seg.hasher.update(payload);
         seg.len += need;
@@ -419,6 +419,23 @@ impl Drop for ImageWriter {
             self.current = None;
             let _ = fs::remove_dir_all(&self.dir);
         }
+    }
+}
+
+/// A full destination is the common failure here: say so in words a sysadmin acts on.
+fn write_error(e: std::io::Error, dir: &Path, file: &str) -> anyhow::Error {
+    if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
+        let free = nix::sys::statvfs::statvfs(dir)
+            .map(|v| {
+                format!(
+                    " ({} bytes free)",
+                    v.blocks_available() * v.fragment_size()
+                )
+            })
+            .unwrap_or_default();
+        anyhow!("the repository's filesystem is full{free} while writing {file}: free space or use another destination")
+    } else {
+        anyhow!(e).context(format!("writing {file}"))
     }
 }
 

@@ -179,9 +179,9 @@ struct Target {
 
 fn prepare_target(path: &Path, repo: &Path, size: u64, yes: bool) -> Result<Target> {
     if !path.exists() {
-        if path.starts_with("/dev") {
+        if device::on_devtmpfs(path) {
             bail!(
-                "{} does not exist; check the device name with `lsblk` (cairn does not create files under /dev)",
+                "{} does not exist; check the device name with `lsblk` (cairn does not create files in /dev)",
                 path.display()
             );
         }

@@ -7,7 +7,12 @@ use cairn::format::{Entry, EntryKind, FrameHeader, Index, Manifest, SegmentHeade
 use proptest::prelude::*;
 
 fn geometry() -> Geometry {
-    Geometry { source_size: 64 << 20, block_size: 1 << 20, granule: 64 << 10, segments: 2 }
+    Geometry {
+        source_size: 64 << 20,
+        block_size: 1 << 20,
+        granule: 64 << 10,
+        segments: 2,
+    }
 }
 
 fn valid_index() -> Vec<u8> {

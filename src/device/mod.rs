@@ -303,6 +303,42 @@ fn udev_props(devno: (u32, u32)) -> Vec<(String, String)> {
         .collect()
 }
 
+/// True when a new file at `path` would land on devtmpfs (RAM-backed /dev), where a mistyped
+/// device name must not silently become a regular file. Decided from the mount table, so /dev/shm
+/// (tmpfs) stays usable.
+pub fn on_devtmpfs(path: &Path) -> bool {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut dir = abs.parent().map(Path::to_path_buf).unwrap_or_default();
+    while !dir.exists() {
+        match dir.parent() {
+            Some(p) => dir = p.to_path_buf(),
+            None => break,
+        }
+    }
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    let Ok(s) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return abs.starts_with("/dev");
+    };
+    // The longest mount point containing the directory decides; its fstype follows " - ".
+    s.lines()
+        .filter_map(|l| {
+            let mp = l.split(' ').nth(4)?;
+            let fstype = l.split(" - ").nth(1)?.split(' ').next()?;
+            dir.starts_with(unescape_mount_path(mp))
+                .then(|| (mp.len(), fstype == "devtmpfs"))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, dev)| dev)
+        .unwrap_or(false)
+}
+
+fn unescape_mount_path(p: &str) -> String {
+    p.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
 /// (devno, mount point) for every mounted filesystem, from /proc/self/mountinfo.
 fn mounted_devnos() -> Vec<((u32, u32), String)> {
     let Ok(s) = std::fs::read_to_string("/proc/self/mountinfo") else {
@@ -489,6 +525,13 @@ mod tests {
         assert_eq!(sanitize_name("disk-ATA WDC/123"), "disk-ATA-WDC-123");
         assert_eq!(sanitize_name("file-/var/tmp/x.img"), "file--var-tmp-x.img");
         assert_eq!(sanitize_name("///"), "source");
+    }
+
+    #[test]
+    fn devtmpfs_is_told_apart_from_dev_shm() {
+        assert!(on_devtmpfs(Path::new("/dev/cairn-no-such-disk")));
+        assert!(!on_devtmpfs(Path::new("/dev/shm/cairn-target.img")));
+        assert!(!on_devtmpfs(Path::new("/var/tmp/cairn-target.img")));
     }
 
     #[test]
