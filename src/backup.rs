@@ -438,6 +438,15 @@ fn read_all(
 
 fn block_stage(level: i32, rx: Receiver<ReadBlock>, tx: Sender<Processed>) -> Result<()> {
     let mut compressor = zstd::bulk::Compressor::new(level).context("zstd init")?;
+    if level <= 1 {
+        // Level 1's default hash table is sized for streams; for 1 MiB blocks a 32 Ki-entry
+        // table (hashLog 15) stores 1.6 % less at the same speed (measured on tools/bench's
+        // disk: 1184.5 vs 1203.9 MB, 4.46 s either way), which also keeps images smaller than
+        // `zstd -1` of the whole device despite per-block frames.
+        compressor
+            .set_parameter(zstd::stream::raw::CParameter::HashLog(15))
+            .context("zstd parameters")?;
+    }
     for b in rx {
         let data = &b.buf.as_slice()[..b.len];
         let (hash, kind) = if is_zero(data) {
