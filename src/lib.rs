@@ -10,6 +10,8 @@ pub mod device;
 pub mod format;
 pub mod list;
 pub mod progress;
+pub mod ptable;
 pub mod repo;
 pub mod restore;
+pub mod tracker;
 pub mod verify;

@@ -1,0 +1,865 @@
+//! `cairn tracker run`: watches the block layer for writes to the given whole disks and keeps, per
+//! consumer (a repository's series of images of one disk or partition), the granules changed since
+//! its last image and since its last full image.
+//!
+//! Continuity is the point: the daemon must be able to prove it saw every write since a consumer's
+//! last cut. Anything that breaks that proof — lost events, a reboot, an unclean stop, the device
+//! changing size or identity, the tracefs instance being altered — marks the consumer broken, and
+//! its next backup compare-scans. Supersets are always safe; a missing mark never is.
+
+use super::changemap::ChangeMap;
+use super::protocol::{ConsumerStatus, CutKind, DeviceStatus, Reply, Request, Token};
+use super::tracefs::{self, BlockEvent, Instance};
+use crate::device::DeviceInfo;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const STATE_FILE: &str = "tracker-state.json";
+pub const SOCKET: &str = "tracker.sock";
+const LOCK_FILE: &str = "tracker.lock";
+const INSTANCE: &str = "cairn";
+const STATE_VERSION: u32 = 1;
+
+pub struct DaemonOptions {
+    pub devices: Vec<PathBuf>,
+    pub state_dir: PathBuf,
+    /// Per-CPU ring buffer size.
+    pub buffer_kb: u64,
+    /// How often the buffers are drained.
+    pub interval: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedState {
+    version: u32,
+    boot_id: String,
+    clean_shutdown: bool,
+    pid: u32,
+    instance_filter: String,
+    buffer_kb: u64,
+    losses_baseline: u64,
+    devices: Vec<SavedDevice>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedDevice {
+    path: String,
+    disk: (u32, u32),
+    size: u64,
+    identity: String,
+    since: String,
+    consumers: Vec<SavedConsumer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedConsumer {
+    key: String,
+    start: u64,
+    len: u64,
+    granule: u64,
+    lineage: String,
+    seq: u64,
+    last_image: Option<u64>,
+    last_full: Option<u64>,
+    image_broken: Option<String>,
+    full_broken: Option<String>,
+    since_image: Vec<(u64, u64)>,
+    since_full: Vec<(u64, u64)>,
+}
+
+struct Pending {
+    conn: u64,
+    seq: u64,
+    kind: CutKind,
+    image: ChangeMap,
+    full: Option<ChangeMap>,
+    loss_gen: u64,
+}
+
+struct Consumer {
+    start: u64,
+    len: u64,
+    granule: u64,
+    lineage: String,
+    seq: u64,
+    last_image: Option<u64>,
+    last_full: Option<u64>,
+    image_broken: Option<String>,
+    full_broken: Option<String>,
+    since_image: ChangeMap,
+    since_full: ChangeMap,
+    pending: Option<Pending>,
+}
+
+impl Consumer {
+    fn new(start: u64, len: u64, granule: u64, why: &str) -> Consumer {
+        Consumer {
+            start,
+            len,
+            granule,
+            lineage: random_id(),
+            seq: 0,
+            last_image: None,
+            last_full: None,
+            image_broken: Some(why.to_string()),
+            full_broken: Some(why.to_string()),
+            since_image: ChangeMap::new(),
+            since_full: ChangeMap::new(),
+            pending: None,
+        }
+    }
+
+    fn mark_bytes(&mut self, from: u64, to: u64) {
+        let (a, b) = (from.max(self.start), to.min(self.start + self.len));
+        if a >= b {
+            return;
+        }
+        let g0 = (a - self.start) / self.granule;
+        let g1 = (b - self.start).div_ceil(self.granule);
+        self.since_image.mark(g0, g1 - g0);
+        self.since_full.mark(g0, g1 - g0);
+    }
+
+    fn break_all(&mut self, why: &str) {
+        self.image_broken.get_or_insert_with(|| why.to_string());
+        self.full_broken.get_or_insert_with(|| why.to_string());
+    }
+}
+
+struct Device {
+    path: PathBuf,
+    disk: (u32, u32),
+    kdev: u32,
+    size: u64,
+    identity: String,
+    since: String,
+    consumers: BTreeMap<String, Consumer>,
+}
+
+struct State {
+    dir: PathBuf,
+    boot_id: String,
+    instance: Instance,
+    devices: Vec<Device>,
+    losses_baseline: u64,
+    /// Bumped at every detected loss; a cut remembers it so a commit knows whether the interval
+    /// since the cut is complete.
+    loss_gen: u64,
+    events: Vec<BlockEvent>,
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let h = blake3::hash(
+        &[
+            &b[..],
+            &t.as_nanos().to_le_bytes(),
+            &std::process::id().to_le_bytes(),
+        ]
+        .concat(),
+    );
+    h.to_hex()[..32].to_string()
+}
+
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+/// What identifies the disk behind a device number: hardware ids, or a loop device's backing file.
+fn identity_of(info: &DeviceInfo) -> String {
+    let backing = info
+        .kernel_name
+        .as_ref()
+        .and_then(|k| std::fs::read_to_string(format!("/sys/block/{k}/loop/backing_file")).ok())
+        .map(|s| s.trim().to_string());
+    format!(
+        "model={:?} serial={:?} wwn={:?} backing={:?} lss={}",
+        info.model, info.serial, info.wwn, backing, info.logical_sector_size
+    )
+}
+
+impl State {
+    fn apply_events(&mut self) -> Result<()> {
+        let missed = self.instance.drain(&mut self.events)?;
+        for ev in self.events.drain(..) {
+            if let Some(d) = self.devices.iter_mut().find(|d| d.kdev == ev.dev) {
+                let from = ev.sector * 512;
+                let to = from + u64::from(ev.nr_sector) * 512;
+                for c in d.consumers.values_mut() {
+                    c.mark_bytes(from, to);
+                }
+            }
+        }
+        let losses = self.instance.losses()?;
+        if missed || losses > self.losses_baseline {
+            let why = format!(
+                "the kernel dropped {} block events (ring buffer full) at {}",
+                losses.saturating_sub(self.losses_baseline).max(1),
+                now_rfc3339()
+            );
+            tracing::warn!("{why}: affected images will be compare-scanned");
+            self.losses_baseline = losses;
+            self.break_everything(&why);
+        }
+        Ok(())
+    }
+
+    fn break_everything(&mut self, why: &str) {
+        self.loss_gen += 1;
+        for d in &mut self.devices {
+            for c in d.consumers.values_mut() {
+                c.break_all(why);
+            }
+        }
+    }
+
+    /// The instance and the devices must still be what we set up; otherwise continuity is gone.
+    fn check_environment(&mut self) -> Result<()> {
+        if let Err(e) = self.instance.check_configured() {
+            let why = format!(
+                "the tracefs instance was altered ({e:#}) at {}",
+                now_rfc3339()
+            );
+            tracing::warn!("{why}");
+            self.break_everything(&why);
+            bail!("{why}; restart the tracker");
+        }
+        for i in 0..self.devices.len() {
+            let d = &self.devices[i];
+            let current = DeviceInfo::probe(&d.path).ok();
+            let why = match &current {
+                None => Some(format!("{} disappeared", d.path.display())),
+                Some(info) if info.devno != Some(d.disk) => {
+                    Some(format!("{} is now another device", d.path.display()))
+                }
+                Some(info) if info.size != d.size => Some(format!(
+                    "{} changed size from {} to {} bytes",
+                    d.path.display(),
+                    d.size,
+                    info.size
+                )),
+                Some(info) if identity_of(info) != d.identity => {
+                    Some(format!("{} now holds a different disk", d.path.display()))
+                }
+                _ => None,
+            };
+            if let Some(why) = why {
+                tracing::warn!("{why}: its consumers will compare-scan");
+                self.loss_gen += 1;
+                let d = &mut self.devices[i];
+                for c in d.consumers.values_mut() {
+                    c.break_all(&why);
+                }
+                if let Some(info) = current {
+                    d.size = info.size;
+                    d.identity = identity_of(&info);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn to_saved(&self, clean: bool) -> SavedState {
+        SavedState {
+            version: STATE_VERSION,
+            boot_id: self.boot_id.clone(),
+            clean_shutdown: clean,
+            pid: std::process::id(),
+            instance_filter: self.instance.filter.clone(),
+            buffer_kb: self.instance.buffer_kb,
+            losses_baseline: self.losses_baseline,
+            devices: self
+                .devices
+                .iter()
+                .map(|d| SavedDevice {
+                    path: d.path.display().to_string(),
+                    disk: d.disk,
+                    size: d.size,
+                    identity: d.identity.clone(),
+                    since: d.since.clone(),
+                    consumers: d
+                        .consumers
+                        .iter()
+                        .map(|(k, c)| {
+                            // An in-flight cut's marks are saved as still changed: a superset is safe.
+                            let mut image = c.since_image.clone();
+                            let mut full = c.since_full.clone();
+                            if let Some(p) = &c.pending {
+                                image.union_with(&p.image);
+                                if let Some(f) = &p.full {
+                                    full.union_with(f);
+                                }
+                            }
+                            SavedConsumer {
+                                key: k.clone(),
+                                start: c.start,
+                                len: c.len,
+                                granule: c.granule,
+                                lineage: c.lineage.clone(),
+                                seq: c.seq,
+                                last_image: c.last_image,
+                                last_full: c.last_full,
+                                image_broken: c.image_broken.clone(),
+                                full_broken: c.full_broken.clone(),
+                                since_image: image.runs(),
+                                since_full: full.runs(),
+                            }
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    fn persist(&self, clean: bool) -> Result<()> {
+        let saved = self.to_saved(clean);
+        write_atomic(
+            &self.dir.join(STATE_FILE),
+            &serde_json::to_vec_pretty(&saved)?,
+        )
+    }
+
+    fn device_for(&mut self, disk: (u32, u32)) -> Result<&mut Device> {
+        self.devices
+            .iter_mut()
+            .find(|d| d.disk == disk)
+            .ok_or_else(|| anyhow!("the tracker does not watch disk {}:{}", disk.0, disk.1))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cut(
+        &mut self,
+        conn: u64,
+        disk: (u32, u32),
+        start: u64,
+        len: u64,
+        granule: u64,
+        key: &str,
+        kind: CutKind,
+        parent: Option<Token>,
+    ) -> Result<Reply> {
+        if granule == 0 || !granule.is_power_of_two() {
+            bail!("invalid granule {granule}");
+        }
+        // Everything the kernel logged before this moment is applied before the set is taken.
+        self.apply_events()?;
+        let _ = self.check_environment();
+        let loss_gen = self.loss_gen;
+        let dev = self.device_for(disk)?;
+        if start.checked_add(len).is_none_or(|end| end > dev.size) {
+            bail!("range {start}+{len} is outside {}", dev.path.display());
+        }
+        let c = dev.consumers.entry(key.to_string()).or_insert_with(|| {
+            Consumer::new(
+                start,
+                len,
+                granule,
+                "first image taken with the tracker running",
+            )
+        });
+        if (c.start, c.len, c.granule) != (start, len, granule) {
+            *c = Consumer::new(
+                start,
+                len,
+                granule,
+                "the source moved or changed size (partition table changed?)",
+            );
+        }
+        if c.pending.is_some() {
+            bail!("another backup of this source is in progress");
+        }
+        let (changed, reason) = match kind {
+            CutKind::Full => (None, None),
+            CutKind::Incremental | CutKind::Differential => {
+                let (broken, last, set, what) = if kind == CutKind::Incremental {
+                    (
+                        &c.image_broken,
+                        c.last_image,
+                        &c.since_image,
+                        "previous image",
+                    )
+                } else {
+                    (&c.full_broken, c.last_full, &c.since_full, "full image")
+                };
+                let expected = last.map(|seq| Token {
+                    lineage: c.lineage.clone(),
+                    seq,
+                });
+                if let Some(why) = broken {
+                    (None, Some(format!("tracking continuity is broken: {why}")))
+                } else if parent.is_none() || parent != expected {
+                    (
+                        None,
+                        Some(format!(
+                            "the {what} was not cut by this tracker's current history"
+                        )),
+                    )
+                } else {
+                    (Some(set.runs()), None)
+                }
+            }
+        };
+        c.seq += 1;
+        let image = std::mem::take(&mut c.since_image);
+        let full = (kind == CutKind::Full).then(|| std::mem::take(&mut c.since_full));
+        c.pending = Some(Pending {
+            conn,
+            seq: c.seq,
+            kind,
+            image,
+            full,
+            loss_gen,
+        });
+        Ok(Reply::Cut {
+            token: Token {
+                lineage: c.lineage.clone(),
+                seq: c.seq,
+            },
+            changed,
+            reason,
+        })
+    }
+
+    fn commit(&mut self, conn: u64, found: Option<Vec<(u64, u64)>>) -> Result<Reply> {
+        let loss_gen = self.loss_gen;
+        let c = self
+            .devices
+            .iter_mut()
+            .flat_map(|d| d.consumers.values_mut())
+            .find(|c| c.pending.as_ref().is_some_and(|p| p.conn == conn))
+            .ok_or_else(|| anyhow!("commit without a cut"))?;
+        let p = c.pending.take().expect("found above");
+        c.last_image = Some(p.seq);
+        let complete = p.loss_gen == loss_gen;
+        if complete {
+            c.image_broken = None;
+        }
+        match p.kind {
+            CutKind::Full => {
+                c.last_full = Some(p.seq);
+                if complete {
+                    c.full_broken = None;
+                }
+            }
+            CutKind::Differential => {
+                // A compare-scan differential found everything that differs from the full:
+                // with it the since-full set is whole again.
+                if let Some(runs) = found {
+                    c.since_full.union_with(&ChangeMap::from_runs(&runs));
+                    if complete {
+                        c.full_broken = None;
+                    }
+                }
+            }
+            CutKind::Incremental => {}
+        }
+        self.persist(false)?;
+        Ok(Reply::Committed)
+    }
+
+    /// A backup went away without committing: its changes are still changes.
+    fn abort(&mut self, conn: u64) {
+        for d in &mut self.devices {
+            for c in d.consumers.values_mut() {
+                if c.pending.as_ref().is_some_and(|p| p.conn == conn) {
+                    let p = c.pending.take().expect("checked");
+                    c.since_image.union_with(&p.image);
+                    if let Some(f) = p.full {
+                        c.since_full.union_with(&f);
+                    }
+                    tracing::info!(
+                        "a backup ended without committing; its changes are kept for the next one"
+                    );
+                }
+            }
+        }
+    }
+
+    fn status(&self) -> Reply {
+        let devices = self
+            .devices
+            .iter()
+            .map(|d| DeviceStatus {
+                device: d.path.display().to_string(),
+                disk: d.disk,
+                size: d.size,
+                tracking_since: d.since.clone(),
+                continuity: "intact".into(),
+                consumers: d
+                    .consumers
+                    .iter()
+                    .map(|(k, c)| ConsumerStatus {
+                        consumer: k.clone(),
+                        start: c.start,
+                        len: c.len,
+                        continuity_since_image: c
+                            .image_broken
+                            .as_ref()
+                            .map_or("intact".into(), |w| format!("broken: {w}")),
+                        continuity_since_full: c
+                            .full_broken
+                            .as_ref()
+                            .map_or("intact".into(), |w| format!("broken: {w}")),
+                        changed_bytes_since_image: (c.since_image.count() * c.granule).min(c.len),
+                        changed_bytes_since_full: (c.since_full.count() * c.granule).min(c.len),
+                        last_image_seq: c.last_image,
+                        last_full_seq: c.last_full,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Reply::Status { devices }
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    crate::repo::sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. A clean stop saves the state and leaves the kernel
+/// instance buffering, so a restart continues without a gap if nothing was lost meanwhile.
+pub fn run(opts: &DaemonOptions) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the tracker needs root (it reads the kernel's block tracepoints)");
+    }
+    if opts.devices.is_empty() {
+        bail!("name at least one whole disk to track, e.g. `cairn tracker run /dev/sda`");
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&opts.state_dir)
+        .with_context(|| format!("cannot create state directory {}", opts.state_dir.display()))?;
+    let lock = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(opts.state_dir.join(LOCK_FILE))?;
+    // SAFETY: flock on an open descriptor; no memory involved.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "a tracker is already running with state directory {}",
+            opts.state_dir.display()
+        );
+    }
+
+    let mut devices = Vec::new();
+    for p in &opts.devices {
+        let info = DeviceInfo::probe(p).with_context(|| format!("cannot track {}", p.display()))?;
+        if info.kind != crate::device::Kind::Disk {
+            bail!("{} is not a whole disk: track the disk that holds it (partitions are followed through it)", p.display());
+        }
+        let disk = info.devno.expect("block device");
+        devices.push(Device {
+            path: p.clone(),
+            disk,
+            kdev: tracefs::kernel_dev(disk.0, disk.1),
+            size: info.size,
+            identity: identity_of(&info),
+            since: now_rfc3339(),
+            consumers: BTreeMap::new(),
+        });
+    }
+    let root = tracefs::ensure_mounted()?;
+    let kdevs: Vec<u32> = devices.iter().map(|d| d.kdev).collect();
+    let filter = tracefs::filter_for(&kdevs);
+    let boot = boot_id();
+    let saved: Option<SavedState> = std::fs::read(opts.state_dir.join(STATE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|s: &SavedState| s.version == STATE_VERSION);
+    // Reuse the kernel instance only when the previous daemon stopped cleanly in this boot with
+    // the same configuration: then every write since is still in the buffer.
+    let resumable = saved.as_ref().map(|s| {
+        s.clean_shutdown
+            && s.boot_id == boot
+            && s.instance_filter == filter
+            && s.buffer_kb == opts.buffer_kb
+    });
+    let (instance, reused) = Instance::open(
+        &root,
+        INSTANCE,
+        &kdevs,
+        opts.buffer_kb,
+        resumable == Some(true),
+    )?;
+    let gap: Option<String> = match (&saved, resumable, reused) {
+        (None, _, _) => None,
+        (Some(s), _, _) if s.boot_id != boot => Some("the machine rebooted".into()),
+        (Some(s), _, _) if !s.clean_shutdown => Some(format!(
+            "the previous tracker (pid {}) stopped without saving its state (killed or crashed)",
+            s.pid
+        )),
+        (Some(_), Some(false), _) => {
+            Some("the tracker was restarted with other devices or settings".into())
+        }
+        (Some(_), _, false) => {
+            Some("the tracefs instance was removed or altered while the tracker was stopped".into())
+        }
+        (Some(s), _, true) => {
+            let now = instance.losses()?;
+            (now != s.losses_baseline)
+                .then(|| "events were lost while the tracker was stopped".to_string())
+        }
+    };
+    let losses_baseline = instance.losses()?;
+    if let Some(s) = saved {
+        for sd in s.devices {
+            if let Some(d) = devices
+                .iter_mut()
+                .find(|d| d.disk == sd.disk && d.identity == sd.identity && d.size == sd.size)
+            {
+                d.since = sd.since;
+                for sc in sd.consumers {
+                    let mut c = Consumer {
+                        start: sc.start,
+                        len: sc.len,
+                        granule: sc.granule.max(1),
+                        lineage: sc.lineage,
+                        seq: sc.seq,
+                        last_image: sc.last_image,
+                        last_full: sc.last_full,
+                        image_broken: sc.image_broken,
+                        full_broken: sc.full_broken,
+                        since_image: ChangeMap::from_runs(&sc.since_image),
+                        since_full: ChangeMap::from_runs(&sc.since_full),
+                        pending: None,
+                    };
+                    if let Some(why) = &gap {
+                        c.break_all(&format!("{why} (detected at {})", now_rfc3339()));
+                    }
+                    d.consumers.insert(sc.key, c);
+                }
+            }
+        }
+    }
+    if let Some(why) = &gap {
+        tracing::warn!("{why}: the next backup of each tracked source will compare-scan");
+    }
+    let state = Arc::new(Mutex::new(State {
+        dir: opts.state_dir.clone(),
+        boot_id: boot,
+        instance,
+        devices,
+        losses_baseline,
+        loss_gen: 0,
+        events: Vec::new(),
+    }));
+    state.lock().expect("not poisoned").persist(false)?;
+
+    let sock_path = opts.state_dir.join(SOCKET);
+    let _ = std::fs::remove_file(&sock_path);
+    let listener = UnixListener::bind(&sock_path)
+        .with_context(|| format!("cannot listen on {}", sock_path.display()))?;
+    std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+
+    STOP.store(false, Ordering::SeqCst);
+    let handler = nix::sys::signal::SigHandler::Handler(on_signal);
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        nix::sys::signal::signal(nix::sys::signal::Signal::SIGTERM, handler)?;
+        nix::sys::signal::signal(nix::sys::signal::Signal::SIGINT, handler)?;
+    }
+    {
+        let st = state.lock().expect("not poisoned");
+        let names: Vec<String> = st
+            .devices
+            .iter()
+            .map(|d| d.path.display().to_string())
+            .collect();
+        tracing::info!(
+            "tracking {} (instance {}, {} CPUs, {} KiB per CPU); state in {}",
+            names.join(", "),
+            st.instance.path.display(),
+            st.instance.cpus(),
+            opts.buffer_kb,
+            opts.state_dir.display()
+        );
+    }
+    eprintln!(
+        "cairn tracker: running (pid {}); stop with SIGTERM",
+        std::process::id()
+    );
+
+    let next_conn = Arc::new(AtomicU64::new(1));
+    let mut last_check = Instant::now();
+    let mut last_persist = Instant::now();
+    while !STOP.load(Ordering::SeqCst) {
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let st = Arc::clone(&state);
+                    let conn = next_conn.fetch_add(1, Ordering::SeqCst);
+                    std::thread::spawn(move || serve(stream, conn, st));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    break;
+                }
+            }
+        }
+        {
+            let mut st = state.lock().expect("not poisoned");
+            if let Err(e) = st.apply_events() {
+                tracing::error!("reading block events failed: {e:#}");
+                st.break_everything(&format!("reading block events failed: {e:#}"));
+            }
+            if last_check.elapsed() >= Duration::from_secs(1) {
+                let _ = st.check_environment();
+                last_check = Instant::now();
+            }
+            if last_persist.elapsed() >= Duration::from_secs(10) {
+                if let Err(e) = st.persist(false) {
+                    tracing::warn!("saving tracker state: {e:#}");
+                }
+                last_persist = Instant::now();
+            }
+        }
+        std::thread::sleep(opts.interval);
+    }
+    let mut st = state.lock().expect("not poisoned");
+    st.apply_events()?;
+    let _ = std::fs::remove_file(&sock_path);
+    st.persist(true)?;
+    eprintln!(
+        "cairn tracker: stopped; state saved (the kernel keeps buffering until the next start)"
+    );
+    Ok(())
+}
+
+fn serve(stream: UnixStream, conn: u64, state: Arc<Mutex<State>>) {
+    let _ = stream.set_nonblocking(false);
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let reader = BufReader::new(stream);
+    for line in reader.lines() {
+        let Ok(line) = line else { break };
+        let reply = match serde_json::from_str::<Request>(&line) {
+            Err(e) => Reply::Error {
+                message: format!("bad request: {e}"),
+            },
+            Ok(req) => {
+                let mut st = state.lock().expect("not poisoned");
+                let r = match req {
+                    Request::Status => {
+                        let _ = st.apply_events();
+                        Ok(st.status())
+                    }
+                    Request::Cut {
+                        disk,
+                        start,
+                        len,
+                        granule,
+                        consumer,
+                        kind,
+                        parent,
+                    } => st.cut(conn, disk, start, len, granule, &consumer, kind, parent),
+                    Request::Commit { found } => st.commit(conn, found),
+                };
+                r.unwrap_or_else(|e| Reply::Error {
+                    message: format!("{e:#}"),
+                })
+            }
+        };
+        let mut text = serde_json::to_string(&reply).expect("serialisable");
+        text.push('\n');
+        if out.write_all(text.as_bytes()).is_err() {
+            break;
+        }
+    }
+    state.lock().expect("not poisoned").abort(conn);
+}
+
+/// What a stopped tracker's saved state says, for `cairn tracker status`.
+pub fn saved_status(path: &Path) -> Result<Vec<DeviceStatus>> {
+    let s: SavedState =
+        serde_json::from_slice(&std::fs::read(path)?).context("reading saved tracker state")?;
+    let gap = if s.boot_id != boot_id() {
+        Some("the machine rebooted since the tracker last ran".to_string())
+    } else if !s.clean_shutdown {
+        Some("the tracker is not running and did not stop cleanly".to_string())
+    } else {
+        None
+    };
+    Ok(s.devices
+        .into_iter()
+        .map(|d| DeviceStatus {
+            device: d.path,
+            disk: d.disk,
+            size: d.size,
+            tracking_since: d.since,
+            continuity: gap.clone().map_or(
+                "stopped (resumes without a gap if nothing is lost before restart)".into(),
+                |g| format!("broken: {g}"),
+            ),
+            consumers: d
+                .consumers
+                .into_iter()
+                .map(|c| {
+                    let count =
+                        |runs: &[(u64, u64)]| runs.iter().map(|r| r.1).sum::<u64>() * c.granule;
+                    let cont = |b: &Option<String>| match (b, &gap) {
+                        (Some(w), _) => format!("broken: {w}"),
+                        (None, Some(g)) => format!("broken: {g}"),
+                        (None, None) => "intact".into(),
+                    };
+                    ConsumerStatus {
+                        consumer: c.key,
+                        start: c.start,
+                        len: c.len,
+                        continuity_since_image: cont(&c.image_broken),
+                        continuity_since_full: cont(&c.full_broken),
+                        changed_bytes_since_image: count(&c.since_image).min(c.len),
+                        changed_bytes_since_full: count(&c.since_full).min(c.len),
+                        last_image_seq: c.last_image,
+                        last_full_seq: c.last_full,
+                    }
+                })
+                .collect(),
+        })
+        .collect())
+}
