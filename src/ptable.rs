@@ -1,0 +1,694 @@
+//! Partition tables: reading MBR and GPT (with the `gptman` and `mbrman` crates) into the record a
+//! whole-disk image keeps in its manifest, and fitting a restored table to a drive of another size:
+//! the GPT backup header and backup partition array moved to the new last LBA with CRCs recomputed,
+//! the protective MBR's size fixed, optionally the last partition grown to the end of the drive.
+//!
+//! Everything read here is untrusted (a disk or an image of one): header fields are checked before
+//! they size an allocation or a read, and a table cairn does not understand is reported as such,
+//! never guessed at.
+
+use crate::device::{DeviceInfo, Kind};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+
+/// "gpt" or "mbr".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableKind {
+    Gpt,
+    Mbr,
+}
+
+impl TableKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TableKind::Gpt => "gpt",
+            TableKind::Mbr => "mbr",
+        }
+    }
+}
+
+/// A disk's partition table as recorded in a manifest (docs/format.md, `partition_table`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionTable {
+    pub kind: TableKind,
+    /// Logical sector size the table's LBAs are counted in.
+    pub sector_size: u32,
+    /// GPT: the disk GUID. MBR: the 32-bit disk signature as 8 hex digits.
+    pub disk_id: String,
+    /// GPT only: the usable LBA range and the number of entries in the partition array.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_usable_lba: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_usable_lba: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entries: Option<u32>,
+    pub partitions: Vec<Partition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Partition {
+    /// The kernel's partition number (GPT: entry number; MBR: 1-4 primary, 5+ logical).
+    pub number: u32,
+    /// Byte offset of the first byte.
+    pub start: u64,
+    /// Bytes.
+    pub size: u64,
+    /// GPT: partition type GUID. MBR: type byte as `0x83`.
+    pub type_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub type_name: Option<String>,
+    /// GPT partition name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// GPT unique partition GUID (the PARTUUID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// MBR: the active flag.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub bootable: bool,
+    /// MBR: an extended partition (a container of logical partitions).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub extended: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+impl Partition {
+    pub fn end(&self) -> u64 {
+        self.start.saturating_add(self.size)
+    }
+}
+
+impl PartitionTable {
+    pub fn partition(&self, number: u32) -> Option<&Partition> {
+        self.partitions.iter().find(|p| p.number == number)
+    }
+
+    /// GPT: sectors taken by one copy of the partition entry array.
+    pub fn array_sectors(&self) -> u64 {
+        let entries = u64::from(self.entries.unwrap_or(128));
+        (entries * GPT_ENTRY_SIZE).div_ceil(u64::from(self.sector_size))
+    }
+
+    /// Byte offset where the partitions end: the end of the last one (0 without partitions).
+    pub fn partitions_end(&self) -> u64 {
+        self.partitions
+            .iter()
+            .map(Partition::end)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// True when `[start, end)` lies inside one partition.
+    pub fn inside_partition(&self, start: u64, end: u64) -> bool {
+        self.partitions
+            .iter()
+            .any(|p| p.start <= start && end <= p.end())
+    }
+
+    /// One line per partition, for `list` and `show`.
+    pub fn describe(&self) -> Vec<String> {
+        let mut out = vec![format!(
+            "{} partition table, {}-byte sectors, disk id {}, {} partition(s)",
+            self.kind.as_str().to_uppercase(),
+            self.sector_size,
+            self.disk_id,
+            self.partitions.len()
+        )];
+        let ss = u64::from(self.sector_size.max(1));
+        for p in &self.partitions {
+            let mut l = format!(
+                "  {:>3}  start {:>12} (LBA {:>10})  size {:>12}  {}",
+                p.number,
+                p.start,
+                p.start / ss,
+                crate::restore::human_bytes(p.size),
+                p.type_name.as_deref().unwrap_or(&p.type_id)
+            );
+            if let Some(n) = &p.name {
+                l.push_str(&format!("  name {n:?}"));
+            }
+            if let Some(u) = &p.uuid {
+                l.push_str(&format!("  partuuid {u}"));
+            }
+            if p.bootable {
+                l.push_str("  bootable");
+            }
+            out.push(l);
+        }
+        out
+    }
+}
+
+const GPT_ENTRY_SIZE: u64 = 128;
+/// More entries than any partitioning tool writes (the spec minimum is 128); a header claiming more
+/// is damage.
+const MAX_GPT_ENTRIES: u32 = 4096;
+
+/// The table of a whole disk or disk-image file, for a backup's manifest: None for a partition, a
+/// disk without a table, or one cairn cannot read (said in a warning; the backup goes on, since the
+/// table is inside the image anyway).
+pub fn for_backup(info: &DeviceInfo) -> Option<PartitionTable> {
+    if info.kind == Kind::Partition {
+        return None;
+    }
+    let result = File::open(&info.path)
+        .with_context(|| format!("cannot open {}", info.path.display()))
+        .and_then(|mut f| read(&mut f, info.size, info.logical_sector_size));
+    match result {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(
+                "{}: partition table not recorded: {e:#}",
+                info.path.display()
+            );
+            None
+        }
+    }
+}
+
+/// Reads the partition table of a disk of `size` bytes: GPT (at `sector_size`, else the other of
+/// 512/4096, as image files do not say), else MBR. Ok(None) when there is none.
+pub fn read<R: Read + Seek>(
+    r: &mut R,
+    size: u64,
+    sector_size: u32,
+) -> Result<Option<PartitionTable>> {
+    let mut lba0 = [0u8; 512];
+    if size < 512 {
+        return Ok(None);
+    }
+    r.seek(SeekFrom::Start(0))?;
+    r.read_exact(&mut lba0).context("reading sector 0")?;
+    let signed = lba0[510] == 0x55 && lba0[511] == 0xaa;
+    let protective = signed && (0..4).any(|i| lba0[446 + 16 * i + 4] == 0xee);
+    let mut sizes = vec![u64::from(sector_size)];
+    for s in [512u64, 4096] {
+        if !sizes.contains(&s) {
+            sizes.push(s);
+        }
+    }
+    let mut gpt_err = None;
+    for ss in sizes {
+        match read_gpt(r, size, ss) {
+            Ok(Some(t)) => return Ok(Some(t)),
+            Ok(None) => {}
+            Err(e) => gpt_err = Some(e),
+        }
+    }
+    if let Some(e) = gpt_err {
+        return Err(e);
+    }
+    if protective {
+        bail!("sector 0 holds a protective MBR but no valid GPT header was found");
+    }
+    if !signed {
+        return Ok(None);
+    }
+    read_mbr(r, &lba0, size, sector_size)
+}
+
+/// Checks the raw header at `lba` enough that gptman can be trusted with it.
+fn gpt_header_plausible<R: Read + Seek>(r: &mut R, lba: u64, ss: u64) -> Result<Option<()>> {
+    let mut h = [0u8; 92];
+    r.seek(SeekFrom::Start(lba * ss))?;
+    if r.read_exact(&mut h).is_err() {
+        return Ok(None);
+    }
+    if &h[0..8] != b"EFI PART" {
+        return Ok(None);
+    }
+    let entries = u32::from_le_bytes(h[80..84].try_into().expect("4 bytes"));
+    let entry_size = u32::from_le_bytes(h[84..88].try_into().expect("4 bytes"));
+    if u64::from(entry_size) != GPT_ENTRY_SIZE {
+        bail!("GPT at LBA {lba} has {entry_size}-byte partition entries; cairn handles 128-byte entries only");
+    }
+    if entries == 0 || entries > MAX_GPT_ENTRIES {
+        bail!("GPT at LBA {lba} claims {entries} partition entries (damaged header)");
+    }
+    Ok(Some(()))
+}
+
+fn read_gpt<R: Read + Seek>(r: &mut R, size: u64, ss: u64) -> Result<Option<PartitionTable>> {
+    if size < 3 * ss {
+        return Ok(None);
+    }
+    let primary = gpt_header_plausible(r, 1, ss)?;
+    let backup = if primary.is_none() {
+        gpt_header_plausible(r, size / ss - 1, ss)?
+    } else {
+        None
+    };
+    if primary.is_none() && backup.is_none() {
+        return Ok(None);
+    }
+    let gpt = gptman::GPT::read_from(r, ss).map_err(|e| anyhow!("invalid GPT: {e}"))?;
+    if primary.is_none() {
+        tracing::warn!("the primary GPT header is damaged; using the backup header");
+    }
+    let h = &gpt.header;
+    let partitions = gpt
+        .iter()
+        .filter(|(_, p)| p.is_used())
+        .map(|(n, p)| {
+            let type_id = guid_string(&p.partition_type_guid);
+            let sectors = p
+                .ending_lba
+                .checked_sub(p.starting_lba)
+                .map(|d| d + 1)
+                .ok_or_else(|| anyhow!("GPT partition {n} ends before it starts"))?;
+            let name = p.partition_name.as_str().trim_end_matches('\0').to_string();
+            Ok(Partition {
+                number: n,
+                start: p
+                    .starting_lba
+                    .checked_mul(ss)
+                    .ok_or_else(|| anyhow!("GPT partition {n} starts beyond any disk"))?,
+                size: sectors
+                    .checked_mul(ss)
+                    .ok_or_else(|| anyhow!("GPT partition {n} is larger than any disk"))?,
+                type_name: gpt_type_name(&type_id).map(str::to_string),
+                type_id,
+                name: (!name.is_empty()).then_some(name),
+                uuid: Some(guid_string(&p.unique_partition_guid)),
+                bootable: false,
+                extended: false,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Some(PartitionTable {
+        kind: TableKind::Gpt,
+        sector_size: ss as u32,
+        disk_id: guid_string(&h.disk_guid),
+        first_usable_lba: Some(h.first_usable_lba),
+        last_usable_lba: Some(h.last_usable_lba),
+        entries: Some(h.number_of_partition_entries),
+        partitions,
+    }))
+}
+
+fn read_mbr<R: Read + Seek>(
+    r: &mut R,
+    lba0: &[u8; 512],
+    size: u64,
+    sector_size: u32,
+) -> Result<Option<PartitionTable>> {
+    let ss = u64::from(sector_size);
+    let sectors = size / ss;
+    // A FAT or NTFS boot sector also ends in 55 AA: only entries that make sense are a table.
+    let mut any = false;
+    for i in 0..4 {
+        let e = &lba0[446 + 16 * i..446 + 16 * (i + 1)];
+        let start = u64::from(u32::from_le_bytes(e[8..12].try_into().expect("4")));
+        let count = u64::from(u32::from_le_bytes(e[12..16].try_into().expect("4")));
+        if e[4] == 0 {
+            continue;
+        }
+        if (e[0] != 0 && e[0] != 0x80) || start == 0 || count == 0 || start + count > sectors {
+            return Ok(None);
+        }
+        any = true;
+    }
+    if !any {
+        return Ok(None);
+    }
+    let mbr = mbrman::MBR::read_from(r, sector_size).map_err(|e| anyhow!("invalid MBR: {e}"))?;
+    let mut partitions = Vec::new();
+    let entry = |number: u32, e: &mbrman::MBRPartitionEntry| {
+        let type_id = format!("0x{:02x}", e.sys);
+        Partition {
+            number,
+            start: u64::from(e.starting_lba) * ss,
+            size: u64::from(e.sectors) * ss,
+            type_name: mbr_type_name(e.sys).map(str::to_string),
+            type_id,
+            name: None,
+            uuid: None,
+            bootable: e.is_active(),
+            extended: e.is_extended(),
+        }
+    };
+    for (i, e) in mbr.iter().filter(|(_, e)| e.is_used()) {
+        partitions.push(entry(i as u32, e));
+    }
+    let disk_id = format!("{:08x}", u32::from_le_bytes(mbr.header.disk_signature));
+    Ok(Some(PartitionTable {
+        kind: TableKind::Mbr,
+        sector_size,
+        disk_id,
+        first_usable_lba: None,
+        last_usable_lba: None,
+        entries: None,
+        partitions,
+    }))
+}
+
+/// A GPT GUID as text: the first three fields are stored little-endian.
+pub fn guid_string(b: &[u8; 16]) -> String {
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        u16::from_le_bytes([b[4], b[5]]),
+        u16::from_le_bytes([b[6], b[7]]),
+        b[8],
+        b[9],
+        b[10],
+        b[11],
+        b[12],
+        b[13],
+        b[14],
+        b[15]
+    )
+}
+
+fn gpt_type_name(guid: &str) -> Option<&'static str> {
+    Some(match guid {
+        "c12a7328-f81f-11d2-ba4b-00a0c93ec93b" => "EFI System",
+        "21686148-6449-6e6f-744e-656564454649" => "BIOS boot",
+        "0fc63daf-8483-4772-8e79-3d69d8477de4" => "Linux filesystem",
+        "0657fd6d-a4ab-43c4-84e5-0933c84b4f4f" => "Linux swap",
+        "e6d6d379-f507-44c2-a23c-238f2a3df928" => "Linux LVM",
+        "a19d880f-05fc-4d3b-a006-743f0f84911e" => "Linux RAID",
+        "4f68bce3-e8cd-4db1-96e7-fbcaf984b709" => "Linux root (x86-64)",
+        "b921b045-1df0-41c3-af44-4c6f280d3fae" => "Linux root (ARM64)",
+        "933ac7e1-2eb4-4f13-b844-0e14e2aef915" => "Linux home",
+        "bc13c2ff-59e6-4262-a352-b275fd6f7172" => "Linux extended boot",
+        "ca7d7ccb-63ed-4c53-861c-1742536059cc" => "Linux LUKS",
+        "ebd0a0a2-b9e5-4433-87c0-68b6b72699c7" => "Microsoft basic data",
+        "e3c9e316-0b5c-4db8-817d-f92df00215ae" => "Microsoft reserved",
+        "de94bba4-06d1-4d40-a16a-bfd50179d6ac" => "Windows recovery",
+        "7c3457ef-0000-11aa-aa11-00306543ecac" => "Apple APFS",
+        "48465300-0000-11aa-aa11-00306543ecac" => "Apple HFS+",
+        _ => return None,
+    })
+}
+
+fn mbr_type_name(sys: u8) -> Option<&'static str> {
+    Some(match sys {
+        0x01 => "FAT12",
+        0x04 | 0x06 | 0x0e => "FAT16",
+        0x0b | 0x0c => "FAT32",
+        0x07 => "NTFS/exFAT",
+        0x05 | 0x0f | 0x85 => "Extended",
+        0x82 => "Linux swap",
+        0x83 => "Linux",
+        0x8e => "Linux LVM",
+        0xfd => "Linux RAID",
+        0xef => "EFI System",
+        0xee => "GPT protective",
+        _ => return None,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fitting a restored table to the target
+// ---------------------------------------------------------------------------------------------
+
+/// What [`fit_to_target`] changed.
+#[derive(Debug, Clone, Serialize)]
+pub struct TableChange {
+    pub kind: TableKind,
+    /// GPT: where the backup header was (in the image) and is now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_header_lba: Option<(u64, u64)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grown: Option<Grown>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Grown {
+    pub number: u32,
+    pub old_size: u64,
+    pub new_size: u64,
+}
+
+/// Makes the table written onto a target of `target_size` bytes valid at that size (the data was
+/// restored from an image of `image_size` bytes and flushed). GPT: backup array and header written at
+/// the new end with the CRCs recomputed, the old backup copy zeroed when it is now inside the disk,
+/// the protective MBR's size fixed. With `grow`, the last partition is extended to the end of the
+/// usable space. Flushes what it writes.
+pub fn fit_to_target(
+    f: &mut File,
+    table: &PartitionTable,
+    image_size: u64,
+    target_size: u64,
+    grow: bool,
+) -> Result<Option<TableChange>> {
+    match table.kind {
+        TableKind::Gpt if target_size != image_size || grow => {
+            fit_gpt(f, table, image_size, target_size, grow).map(Some)
+        }
+        TableKind::Mbr if grow => grow_mbr(f, table, target_size).map(Some),
+        _ => Ok(None),
+    }
+}
+
+fn fit_gpt(
+    f: &mut File,
+    table: &PartitionTable,
+    image_size: u64,
+    target_size: u64,
+    grow: bool,
+) -> Result<TableChange> {
+    let ss = u64::from(table.sector_size);
+    let n = target_size / ss;
+    let mut gpt = gptman::GPT::read_from(f, ss)
+        .map_err(|e| anyhow!("cannot read the restored GPT back from the target: {e}"))?;
+    if !gpt.header.is_primary() {
+        bail!("the restored disk's primary GPT header is invalid; repair it with `sgdisk -e` or gdisk");
+    }
+    let old_backup = gpt.header.backup_lba;
+    let old_last_usable = gpt.header.last_usable_lba;
+    let arr = (u64::from(gpt.header.number_of_partition_entries) * GPT_ENTRY_SIZE).div_ceil(ss);
+    let new_last_usable = n
+        .checked_sub(2 + arr)
+        .ok_or_else(|| anyhow!("target of {target_size} bytes cannot hold a GPT"))?;
+    if let Some((num, p)) = gpt
+        .iter()
+        .filter(|(_, p)| p.is_used())
+        .find(|(_, p)| p.ending_lba > new_last_usable)
+    {
+        bail!(
+            "partition {num} ends at LBA {}, beyond the target's last usable LBA {new_last_usable}",
+            p.ending_lba
+        );
+    }
+    let mut grown = None;
+    if grow {
+        let last = gpt
+            .iter()
+            .filter(|(_, p)| p.is_used())
+            .max_by_key(|(_, p)| p.ending_lba)
+            .map(|(num, _)| num)
+            .ok_or_else(|| anyhow!("--grow-last-partition: the disk has no partitions"))?;
+        let p = &mut gpt[last];
+        let old_size = (p.ending_lba - p.starting_lba + 1) * ss;
+        if p.ending_lba < new_last_usable {
+            p.ending_lba = new_last_usable;
+        }
+        grown = Some(Grown {
+            number: last,
+            old_size,
+            new_size: (p.ending_lba - p.starting_lba + 1) * ss,
+        });
+    }
+    gpt.header.backup_lba = n - 1;
+    gpt.header.last_usable_lba = new_last_usable;
+    gpt.write_into(f)
+        .map_err(|e| anyhow!("writing the relocated GPT: {e}"))?;
+    // The old backup copy (array and header), when it now lies inside the disk and away from the
+    // new copy, is zeroed so no tool mistakes it for a table.
+    let old_start = (old_last_usable + 1) * ss;
+    let old_end = (old_backup + 1) * ss;
+    let new_start = (new_last_usable + 1) * ss;
+    if old_backup != n - 1 && old_end <= new_start && old_end <= image_size.max(target_size) {
+        let zeros = vec![0u8; (old_end - old_start) as usize];
+        f.seek(SeekFrom::Start(old_start))?;
+        f.write_all(&zeros).context("zeroing the old backup GPT")?;
+    }
+    fix_protective_mbr(f, image_size / ss, n)?;
+    f.sync_all().context("flushing the partition table")?;
+    Ok(TableChange {
+        kind: TableKind::Gpt,
+        backup_header_lba: Some((old_backup, n - 1)),
+        grown,
+    })
+}
+
+/// The protective MBR's 0xEE entry covers the whole disk (or 0xFFFFFFFF sectors): resize it when it
+/// did so for the old size. A hybrid MBR's partial 0xEE entry is left alone.
+fn fix_protective_mbr(f: &mut File, old_sectors: u64, new_sectors: u64) -> Result<()> {
+    let mut lba0 = [0u8; 512];
+    f.seek(SeekFrom::Start(0))?;
+    f.read_exact(&mut lba0)?;
+    if lba0[510..512] != [0x55, 0xaa] {
+        return Ok(());
+    }
+    let cap = |s: u64| s.saturating_sub(1).min(u64::from(u32::MAX)) as u32;
+    for i in 0..4 {
+        let e = 446 + 16 * i;
+        if lba0[e + 4] != 0xee {
+            continue;
+        }
+        let count = u32::from_le_bytes(lba0[e + 12..e + 16].try_into().expect("4"));
+        if count == cap(old_sectors) || count == u32::MAX {
+            lba0[e + 12..e + 16].copy_from_slice(&cap(new_sectors).to_le_bytes());
+            f.seek(SeekFrom::Start(0))?;
+            f.write_all(&lba0)?;
+        }
+        break;
+    }
+    Ok(())
+}
+
+/// Extends the MBR partition that ends last to the end of the disk (primary partitions only).
+fn grow_mbr(f: &mut File, table: &PartitionTable, target_size: u64) -> Result<TableChange> {
+    let ss = u64::from(table.sector_size);
+    let last = table
+        .partitions
+        .iter()
+        .max_by_key(|p| p.end())
+        .ok_or_else(|| anyhow!("--grow-last-partition: the disk has no partitions"))?;
+    if last.number > 4 || last.extended {
+        bail!(
+            "--grow-last-partition: the last partition ({}) is a logical or extended partition, which cairn does not grow; use fdisk",
+            last.number
+        );
+    }
+    let start = last.start / ss;
+    let end = (target_size / ss).min(u64::from(u32::MAX));
+    let mut lba0 = [0u8; 512];
+    f.seek(SeekFrom::Start(0))?;
+    f.read_exact(&mut lba0)?;
+    let e = 446 + 16 * (last.number as usize - 1);
+    let cur_start = u64::from(u32::from_le_bytes(
+        lba0[e + 8..e + 12].try_into().expect("4"),
+    ));
+    let cur = u64::from(u32::from_le_bytes(
+        lba0[e + 12..e + 16].try_into().expect("4"),
+    ));
+    if cur_start != start {
+        bail!(
+            "the restored MBR differs from the image's (partition {})",
+            last.number
+        );
+    }
+    let new = end.saturating_sub(start).max(cur);
+    lba0[e + 12..e + 16].copy_from_slice(&(new as u32).to_le_bytes());
+    f.seek(SeekFrom::Start(0))?;
+    f.write_all(&lba0)?;
+    f.sync_all().context("flushing the partition table")?;
+    Ok(TableChange {
+        kind: TableKind::Mbr,
+        backup_header_lba: None,
+        grown: Some(Grown {
+            number: last.number,
+            old_size: cur * ss,
+            new_size: new * ss,
+        }),
+    })
+}
+
+/// Reads both GPT headers back after a restore and checks they agree with each other and the disk
+/// size (the check `--verify` adds for the table cairn rewrote).
+pub fn check_gpt(f: &mut File, ss: u64, size: u64) -> Result<()> {
+    let n = size / ss;
+    let gpt = gptman::GPT::read_from(f, ss).map_err(|e| anyhow!("GPT unreadable: {e}"))?;
+    if !gpt.header.is_primary() || gpt.header.backup_lba != n - 1 {
+        bail!(
+            "the GPT's backup header is at LBA {}, not at the last LBA {}",
+            gpt.header.backup_lba,
+            n - 1
+        );
+    }
+    f.seek(SeekFrom::Start((n - 1) * ss))?;
+    let b =
+        gptman::GPTHeader::read_from(f).map_err(|e| anyhow!("backup GPT header invalid: {e}"))?;
+    let parts = b
+        .read_partitions(f, ss)
+        .map_err(|e| anyhow!("backup GPT partition array invalid: {e}"))?;
+    if b.disk_guid != gpt.header.disk_guid
+        || b.last_usable_lba != gpt.header.last_usable_lba
+        || parts.iter().zip(gpt.iter()).any(|(a, (_, b))| a != b)
+    {
+        bail!("the backup GPT differs from the primary");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guids_print_mixed_endian() {
+        let b = [
+            0x28, 0x73, 0x2a, 0xc1, 0x1f, 0xf8, 0xd2, 0x11, 0xba, 0x4b, 0x00, 0xa0, 0xc9, 0x3e,
+            0xc9, 0x3b,
+        ];
+        assert_eq!(guid_string(&b), "c12a7328-f81f-11d2-ba4b-00a0c93ec93b");
+        assert_eq!(gpt_type_name(&guid_string(&b)), Some("EFI System"));
+    }
+
+    #[test]
+    fn blank_and_fat_boot_sectors_are_no_table() {
+        let mut disk = vec![0u8; 1 << 20];
+        assert_eq!(
+            read(&mut std::io::Cursor::new(&disk), disk.len() as u64, 512).unwrap(),
+            None
+        );
+        // A FAT boot sector: 55 AA, and boot code where partition entries would be.
+        disk[510] = 0x55;
+        disk[511] = 0xaa;
+        for (i, b) in disk[446..510].iter_mut().enumerate() {
+            *b = b"This is not a bootable disk. "[i % 29];
+        }
+        assert_eq!(
+            read(&mut std::io::Cursor::new(&disk), disk.len() as u64, 512).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn mbr_partitions_are_read() {
+        let size = 64u64 << 20;
+        let mut disk = vec![0u8; size as usize];
+        disk[440..444].copy_from_slice(&0x1234abcdu32.to_le_bytes());
+        let e = &mut disk[446..462];
+        e[0] = 0x80;
+        e[4] = 0x83;
+        e[8..12].copy_from_slice(&2048u32.to_le_bytes());
+        e[12..16].copy_from_slice(&4096u32.to_le_bytes());
+        disk[510] = 0x55;
+        disk[511] = 0xaa;
+        let t = read(&mut std::io::Cursor::new(&disk), size, 512)
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.kind, TableKind::Mbr);
+        assert_eq!(t.disk_id, "1234abcd");
+        assert_eq!(t.partitions.len(), 1);
+        let p = &t.partitions[0];
+        assert_eq!((p.number, p.start, p.size), (1, 1 << 20, 2 << 20));
+        assert!(p.bootable);
+        assert_eq!(p.type_name.as_deref(), Some("Linux"));
+    }
+
+    #[test]
+    fn odd_gpt_headers_are_refused_not_trusted() {
+        let size = 1u64 << 20;
+        let mut disk = vec![0u8; size as usize];
+        disk[512..520].copy_from_slice(b"EFI PART");
+        disk[512 + 80..512 + 84].copy_from_slice(&u32::MAX.to_le_bytes());
+        disk[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
+        assert!(read(&mut std::io::Cursor::new(&disk), size, 512).is_err());
+        disk[512 + 80..512 + 84].copy_from_slice(&128u32.to_le_bytes());
+        disk[512 + 84..512 + 88].copy_from_slice(&256u32.to_le_bytes());
+        let e = read(&mut std::io::Cursor::new(&disk), size, 512).unwrap_err();
+        assert!(format!("{e}").contains("128-byte"), "{e}");
+    }
+}
