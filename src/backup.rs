@@ -1,18 +1,27 @@
-//! Full backup: source reader → block stage (zero test, hash, compress) → ordered segment writer.
+//! Backup: source reader → block stage (zero test, hash, compare, compress) → ordered segment writer.
+//!
+//! Three ways to find what to store:
+//! - **full**: every block; all-zero blocks are left out (they read back as zero).
+//! - **tracked**: only the granule runs the change tracker reports, when it can prove it saw every
+//!   write since the parent image.
+//! - **compare-scan**: every block is read and hashed, and only the parts whose hash differs from the
+//!   parent chain's are stored. Used whenever continuity is not proven: never guess.
 //!
 //! Threads: one reader driving the I/O queue, `workers` block-stage threads, and the caller's thread
-//! writing segments in block order. A fixed pool of aligned buffers circulates reader → worker →
-//! writer → reader, so memory stays flat whatever the device size.
+//! writing segments in order. A fixed pool of aligned buffers circulates reader → worker → writer →
+//! reader, so memory stays flat whatever the device size.
 
-use crate::device::{self, buf::AlignedBuf, queue::Op, queue::Request, Access, DeviceInfo};
+use crate::chain::{self, Piece, Planner, Source};
+use crate::device::{self, buf::AlignedBuf, queue::Op, queue::Request, Access, DeviceInfo, Kind};
 use crate::format::frame::Codec;
-use crate::format::manifest::{IndexRef, Stats};
+use crate::format::manifest::{IndexRef, ParentRef, Stats, TrackingRef};
 use crate::format::{
-    self, is_zero, Entry, EntryKind, FrameHeader, ImageKind, Index, Manifest, Method,
+    self, hash_hex, is_zero, Entry, EntryKind, FrameHeader, ImageKind, Index, Manifest, Method,
     SourceIdentity,
 };
 use crate::progress::Progress;
-use crate::repo::Repository;
+use crate::repo::{Image, Repository};
+use crate::tracker::{self, protocol::CutKind, protocol::Token};
 use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use serde::Serialize;
@@ -29,6 +38,8 @@ pub struct BackupOptions {
     pub level: i32,
     pub segment_size: u64,
     pub block_size: u32,
+    /// Where the change tracker keeps its socket and state.
+    pub state_dir: PathBuf,
 }
 
 #[derive(Debug, Serialize)]
@@ -36,8 +47,12 @@ pub struct BackupReport {
     pub id: String,
     pub name: String,
     pub kind: &'static str,
+    pub parent: Option<String>,
+    /// "full", "tracked" or "compare-scan".
     pub method: &'static str,
-    /// Why the kind or method differs from what was asked, when it does.
+    /// Why a compare-scan was needed, when it was.
+    pub method_reason: Option<String>,
+    /// Why the kind differs from what was asked, when it does.
     pub note: Option<String>,
     pub source: String,
     pub source_size: u64,
@@ -77,6 +92,7 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
             tracing::warn!("{why}: the image may be inconsistent; unmount it or back up from the rescue system for a consistent image");
         }
     }
+    let partition_table = crate::ptable::for_backup(&info);
     let repo = Repository::open_or_create(&opts.repo)?;
     let lock = repo.lock()?;
     repo.remove_leftovers(&lock)?;
@@ -88,25 +104,61 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
         Some(n) => n.clone(),
         None => info.default_name(),
     };
-    let previous = latest_of_name(&repo, &name)?;
-    let (kind, note) = match (opts.kind, previous) {
-        (Some(ImageKind::Full), _) | (_, None) => {
-            let note = match opts.kind {
-                Some(k) if k != ImageKind::Full => Some(format!(
-                    "{name} has no image yet: taking a full image, which starts the chain"
-                )),
-                _ => None,
-            };
-            (ImageKind::Full, note)
-        }
-        (Some(k), Some(_)) => bail!(
-            "{} images are not supported yet (they need the change tracker); use --full",
-            k.as_str()
-        ),
-        (None, Some(_)) => bail!(
-            "{name} already has images and incremental images are not supported yet; use --full"
-        ),
+    let history = images_of_name(&repo, &name)?;
+    let Decision { kind, parent, note } = decide_kind(opts.kind, &history, &name);
+
+    // The tracker is asked for every backup, a full included: the cut starts (or continues) the
+    // history the next incremental proves its continuity against.
+    let consumer = format!("{}/{}", repo.identity(), name);
+    let granule = parent.as_ref().map_or(format::GRANULE, |(m, _)| m.granule);
+    let block_size = parent
+        .as_ref()
+        .map_or(opts.block_size, |(m, _)| m.block_size);
+    let parent_token = parent
+        .as_ref()
+        .and_then(|(m, _)| m.tracking.clone())
+        .map(|t| Token {
+            lineage: t.lineage,
+            seq: t.seq,
+        });
+    let cut_kind = match kind {
+        ImageKind::Full => CutKind::Full,
+        ImageKind::Incremental => CutKind::Incremental,
+        ImageKind::Differential => CutKind::Differential,
     };
+    let (session, cut, tracker_problem) = match tracked_range(&info) {
+        Err(why) => (None, None, Some(why)),
+        Ok((disk, start, len)) => match tracker::Session::connect(&opts.state_dir) {
+            Err(e) => (None, None, Some(format!("{e:#}"))),
+            Ok(mut s) => match s.cut(
+                disk,
+                start,
+                len,
+                u64::from(granule),
+                &consumer,
+                cut_kind,
+                parent_token,
+            ) {
+                Ok(c) => (Some(s), Some(c), None),
+                Err(e) => (None, None, Some(format!("{e:#}"))),
+            },
+        },
+    };
+    let (method, method_reason) = match (kind, &cut) {
+        (ImageKind::Full, _) => (Method::Full, None),
+        (_, Some(c)) if c.changed.is_some() => (Method::Tracked, None),
+        (_, Some(c)) => (Method::CompareScan, c.reason.clone()),
+        (_, None) => (Method::CompareScan, tracker_problem.clone()),
+    };
+    if kind == ImageKind::Full {
+        if let Some(p) = &tracker_problem {
+            tracing::info!("no change tracking for this series: {p}");
+        }
+    }
+    if let Some(r) = &method_reason {
+        tracing::warn!("compare-scan (reads the whole source): {r}");
+    }
+
     let created_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -114,8 +166,29 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     let id = repo.new_image_id(created_unix, &lock);
     let mut writer = repo.begin_image(&id, opts.segment_size, &lock)?;
 
-    let block_size = opts.block_size as usize;
-    let buffers = device::buf::pool(POOL_BUFFERS, block_size);
+    // What to read, and what to compare it with.
+    let base_chain: Vec<Image> = match (method, &parent) {
+        (Method::CompareScan, Some((m, _))) => chain::resolve(&repo, &m.id).with_context(|| {
+            format!(
+                "the parent image {} cannot be read for a compare-scan",
+                m.id
+            )
+        })?,
+        _ => Vec::new(),
+    };
+    let work = match (method, &cut) {
+        (Method::Tracked, Some(c)) => Work::Extents(extents_from_runs(
+            c.changed.as_deref().unwrap_or_default(),
+            u64::from(granule),
+            u64::from(block_size),
+            info.size,
+        )),
+        (Method::CompareScan, _) => Work::Compare,
+        _ => Work::All,
+    };
+    let to_read = work.bytes(info.size);
+
+    let buffers = device::buf::pool(POOL_BUFFERS, block_size as usize);
     let handle = device::open(
         &opts.source,
         Access::Read,
@@ -125,42 +198,76 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     )?;
     let io = handle.queue.describe();
     tracing::info!(
-        "backing up {} ({} bytes) to {} as {id} [{io}]",
+        "{} backup ({}) of {} ({} bytes) to {} as {id} [{io}]",
+        kind.as_str(),
+        method_name(method),
         opts.source.display(),
         info.size,
         opts.repo.display()
     );
-    progress.start(info.size, &format!("{} → {id}", opts.source.display()));
+    progress.start(
+        to_read,
+        &format!("{} → {id} ({})", opts.source.display(), method_name(method)),
+    );
 
     let geometry = Geometry {
         size: info.size,
-        block_size: opts.block_size,
+        block_size,
     };
     let mut stats = Stats::default();
-    let entries = pipeline(handle, buffers, geometry, opts.level, |frame| {
-        progress.advance(frame.length);
-        stats.blocks_total += 1;
-        stats.bytes_read += frame.length;
-        match frame.stored {
-            None => {
-                stats.blocks_zero += 1;
-                Ok(None)
-            }
-            Some((codec, payload)) => {
-                stats.data_bytes += frame.length;
+    let mut found: Vec<(u64, u64)> = Vec::new();
+    let explicit_zero = kind != ImageKind::Full;
+    let entries = pipeline(
+        handle,
+        buffers,
+        geometry,
+        opts.level,
+        &work,
+        &base_chain,
+        |unit| {
+            progress.advance(unit.read_len);
+            stats.blocks_total += 1;
+            stats.bytes_read += unit.read_len;
+            let mut entries = Vec::new();
+            for out in unit.outs {
+                let (g0, g1) = (
+                    out.offset / u64::from(granule),
+                    (out.offset + out.len).div_ceil(u64::from(granule)),
+                );
+                match found.last_mut() {
+                    Some((f, c)) if *f + *c == g0 => *c += g1 - g0,
+                    _ => found.push((g0, g1 - g0)),
+                }
+                let Some((codec, payload)) = out.stored else {
+                    stats.blocks_zero += 1;
+                    if explicit_zero {
+                        entries.push(Entry {
+                            offset: out.offset,
+                            length: out.len as u32,
+                            kind: EntryKind::Zero,
+                            segment: 0,
+                            stored_length: 0,
+                            segment_offset: 0,
+                            crc: 0,
+                            hash: out.hash,
+                        });
+                    }
+                    continue;
+                };
+                stats.data_bytes += out.len;
                 stats.blocks_stored += 1;
                 let crc = crc32fast::hash(payload);
                 let header = FrameHeader {
                     codec,
-                    offset: frame.offset,
-                    length: frame.length as u32,
+                    offset: out.offset,
+                    length: out.len as u32,
                     stored_length: payload.len() as u32,
                     crc,
                 };
                 let (segment, segment_offset) = writer.append(&header, payload)?;
-                Ok(Some(Entry {
-                    offset: frame.offset,
-                    length: frame.length as u32,
+                entries.push(Entry {
+                    offset: out.offset,
+                    length: out.len as u32,
                     kind: if codec == Codec::Zstd {
                         EntryKind::Zstd
                     } else {
@@ -170,11 +277,12 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
                     stored_length: payload.len() as u32,
                     segment_offset,
                     crc,
-                    hash: frame.hash,
-                }))
+                    hash: out.hash,
+                });
             }
-        }
-    })
+            Ok(entries)
+        },
+    )
     .with_context(|| {
         format!(
             "backup of {} failed; the repository is unchanged",
@@ -188,23 +296,30 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     let index_bytes = index.encode();
     stats.stored_bytes = segments.iter().map(|s| s.size).sum::<u64>() + index_bytes.len() as u64;
     stats.duration_ms = started.elapsed().as_millis() as u64;
+    let base_full = match (&parent, kind) {
+        (_, ImageKind::Full) | (None, _) => None,
+        (Some((m, _)), _) => Some(m.base_full.clone().unwrap_or_else(|| m.id.clone())),
+    };
     let manifest = Manifest {
         format_version: format::FORMAT_VERSION,
         id: id.clone(),
         name: name.clone(),
         kind,
-        parent: None,
-        base_full: None,
+        parent: parent.as_ref().map(|(m, h)| ParentRef {
+            id: m.id.clone(),
+            manifest_blake3: hash_hex(h),
+        }),
+        base_full,
         created_unix,
         created: humantime::format_rfc3339_seconds(
             UNIX_EPOCH + std::time::Duration::from_secs(created_unix),
         )
         .to_string(),
         tool_version: format!("cairn {}", env!("CARGO_PKG_VERSION")),
-        method: Method::Full,
+        method,
         source: source_identity(&info),
-        block_size: opts.block_size,
-        granule: format::GRANULE.min(opts.block_size),
+        block_size,
+        granule,
         codec: "zstd".into(),
         level: opts.level,
         index: IndexRef {
@@ -214,17 +329,32 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
         },
         segments,
         stats: stats.clone(),
+        tracking: cut.as_ref().map(|c| TrackingRef {
+            lineage: c.token.lineage.clone(),
+            seq: c.token.seq,
+        }),
+        partition_table,
     };
     let (manifest_bytes, _) = manifest.encode();
     writer.commit(&index_bytes, &manifest_bytes)?;
     drop(lock);
+    // Only now, with the image published, may the tracker forget what this image holds.
+    if let Some(s) = session {
+        let repair =
+            (kind == ImageKind::Differential && method == Method::CompareScan).then_some(found);
+        if let Err(e) = s.commit(repair) {
+            tracing::warn!("the tracker did not take the commit ({e:#}); the next backup will include these changes again");
+        }
+    }
 
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     Ok(BackupReport {
         id,
         name,
         kind: kind.as_str(),
-        method: "full",
+        parent: manifest.parent.as_ref().map(|p| p.id.clone()),
+        method: method_name(method),
+        method_reason,
         note,
         source: opts.source.display().to_string(),
         source_size: info.size,
@@ -240,6 +370,93 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     })
 }
 
+pub fn method_name(m: Method) -> &'static str {
+    match m {
+        Method::Full => "full",
+        Method::Tracked => "tracked",
+        Method::CompareScan => "compare-scan",
+    }
+}
+
+struct Decision {
+    kind: ImageKind,
+    /// The image this one is relative to, with its manifest hash.
+    parent: Option<(Manifest, format::Hash)>,
+    note: Option<String>,
+}
+
+/// Full for a new name (or when asked); otherwise incremental (default) or differential.
+fn decide_kind(
+    asked: Option<ImageKind>,
+    history: &[(Manifest, format::Hash)],
+    name: &str,
+) -> Decision {
+    let wanted = asked.unwrap_or(if history.is_empty() {
+        ImageKind::Full
+    } else {
+        ImageKind::Incremental
+    });
+    let full = |note: Option<String>| Decision {
+        kind: ImageKind::Full,
+        parent: None,
+        note,
+    };
+    if wanted == ImageKind::Full {
+        return full(None);
+    }
+    let parent = match wanted {
+        ImageKind::Differential => history
+            .iter()
+            .rev()
+            .find(|(m, _)| m.kind == ImageKind::Full),
+        _ => history.last(),
+    };
+    let Some(parent) = parent else {
+        return full(Some(format!(
+            "{name} has no full image yet: taking a full image, which starts the chain"
+        )));
+    };
+    Decision {
+        kind: wanted,
+        parent: Some(parent.clone()),
+        note: None,
+    }
+}
+
+/// Every readable image of `name`, oldest first. Damaged manifests are skipped here (verify
+/// reports them): a damaged image is never taken as a parent.
+fn images_of_name(repo: &Repository, name: &str) -> Result<Vec<(Manifest, format::Hash)>> {
+    let mut out = Vec::new();
+    for id in repo.image_ids()? {
+        match repo.load_manifest(&id) {
+            Ok((m, h)) if m.name == name => out.push((m, h)),
+            Ok(_) => {}
+            Err(e) => tracing::warn!("skipping unreadable image: {e:#}"),
+        }
+    }
+    // image_ids() is in creation order already.
+    Ok(out)
+}
+
+/// The whole disk and byte range the tracker knows this source by.
+fn tracked_range(info: &DeviceInfo) -> std::result::Result<((u32, u32), u64, u64), String> {
+    match info.kind {
+        Kind::File => Err("the source is a file; only block devices are tracked".into()),
+        Kind::Disk => Ok((info.devno.expect("block device"), 0, info.size)),
+        Kind::Partition => {
+            let (Some(devno), Some(parent)) = (info.devno, info.parent_devno) else {
+                return Err("cannot find the disk holding this partition".into());
+            };
+            let start =
+                std::fs::read_to_string(format!("/sys/dev/block/{}:{}/start", devno.0, devno.1))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                    .ok_or("cannot read the partition's start from sysfs")?;
+            Ok((parent, start * 512, info.size))
+        }
+    }
+}
+
 fn nearest_existing(p: &std::path::Path) -> PathBuf {
     let mut cur = p.to_path_buf();
     while !cur.exists() {
@@ -249,27 +466,6 @@ fn nearest_existing(p: &std::path::Path) -> PathBuf {
         }
     }
     cur
-}
-
-/// The newest complete image of `name`, if any. Damaged manifests of other images are skipped
-/// here (verify reports them), but a damaged manifest is never taken as a parent.
-fn latest_of_name(repo: &Repository, name: &str) -> Result<Option<Manifest>> {
-    let mut latest: Option<Manifest> = None;
-    for id in repo.image_ids()? {
-        match repo.load_manifest(&id) {
-            Ok((m, _)) if m.name == name => {
-                if latest
-                    .as_ref()
-                    .is_none_or(|l| (l.created_unix, &l.id) < (m.created_unix, &m.id))
-                {
-                    latest = Some(m);
-                }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("skipping unreadable image: {e:#}"),
-        }
-    }
-    Ok(latest)
 }
 
 pub fn source_identity(info: &DeviceInfo) -> SourceIdentity {
@@ -287,53 +483,112 @@ pub fn source_identity(info: &DeviceInfo) -> SourceIdentity {
     }
 }
 
+/// Granule runs → read extents, each inside one block.
+fn extents_from_runs(
+    runs: &[(u64, u64)],
+    granule: u64,
+    block_size: u64,
+    size: u64,
+) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(g, n) in runs {
+        let mut at = g * granule;
+        let end = ((g + n) * granule).min(size);
+        while at < end {
+            let block_end = (at / block_size + 1) * block_size;
+            let stop = end.min(block_end);
+            out.push((at, stop - at));
+            at = stop;
+        }
+    }
+    out
+}
+
 #[derive(Clone, Copy)]
 struct Geometry {
     size: u64,
     block_size: u32,
 }
 
-/// One block after the block stage.
-pub struct Frame<'a> {
+/// What the reader reads.
+enum Work {
+    /// Every block; store whatever is not zero.
+    All,
+    /// Every block, compared with the base chain; store what differs.
+    Compare,
+    /// Only these extents (offset, length), each inside one block.
+    Extents(Vec<(u64, u64)>),
+}
+
+impl Work {
+    fn bytes(&self, size: u64) -> u64 {
+        match self {
+            Work::All | Work::Compare => size,
+            Work::Extents(e) => e.iter().map(|x| x.1).sum(),
+        }
+    }
+}
+
+/// One stored (or zero) extent coming out of the block stage.
+pub struct Out<'a> {
     pub offset: u64,
-    pub length: u64,
+    pub len: u64,
     pub hash: format::Hash,
-    /// None for an all-zero block.
+    /// None for an all-zero extent.
     pub stored: Option<(Codec, &'a [u8])>,
 }
 
-struct ReadBlock {
-    seq: u64,
-    offset: u64,
-    len: usize,
-    buf: AlignedBuf,
+/// One read unit after the block stage, handed to the sink in order.
+pub struct Unit<'a> {
+    pub read_len: u64,
+    pub outs: Vec<Out<'a>>,
 }
 
-struct Processed {
+struct ReadUnit {
     seq: u64,
     offset: u64,
     len: usize,
-    hash: format::Hash,
-    kind: Stage,
     buf: AlignedBuf,
+    /// For a compare-scan: what the base chain holds for this block.
+    expected: Option<Vec<Piece>>,
 }
 
 enum Stage {
     Zero,
-    Raw,
+    /// Stored as read: this range of the read buffer.
+    Raw(usize),
     Zstd(Vec<u8>),
 }
 
-/// Runs the pipeline over every block of the source, calling `sink` for each block in order on the
-/// caller's thread. Returns the index entries the sink produced.
+struct StagedOut {
+    offset: u64,
+    len: u64,
+    hash: format::Hash,
+    stage: Stage,
+}
+
+struct Processed {
+    seq: u64,
+    len: usize,
+    outs: Vec<StagedOut>,
+    buf: AlignedBuf,
+}
+
+/// Runs the pipeline, calling `sink` for each read unit in order on the caller's thread. Returns
+/// the index entries the sink produced.
 fn pipeline(
     handle: device::Handle,
     buffers: Vec<AlignedBuf>,
     geo: Geometry,
     level: i32,
-    mut sink: impl FnMut(Frame<'_>) -> Result<Option<Entry>>,
+    work: &Work,
+    base: &[Image],
+    mut sink: impl FnMut(Unit<'_>) -> Result<Vec<Entry>>,
 ) -> Result<Vec<Entry>> {
-    let total_blocks = geo.size.div_ceil(u64::from(geo.block_size));
+    let total_units = match work {
+        Work::All | Work::Compare => geo.size.div_ceil(u64::from(geo.block_size)),
+        Work::Extents(e) => e.len() as u64,
+    };
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
@@ -342,21 +597,21 @@ fn pipeline(
     for b in buffers {
         free_tx.send(b).expect("pool channel has room");
     }
-    let (work_tx, work_rx) = bounded::<ReadBlock>(POOL_BUFFERS);
+    let (work_tx, work_rx) = bounded::<ReadUnit>(POOL_BUFFERS);
     let (done_tx, done_rx) = bounded::<Processed>(POOL_BUFFERS);
 
     std::thread::scope(|s| {
-        let reader = s.spawn(move || read_all(handle, geo, free_rx, work_tx));
+        let reader = s.spawn(move || read_all(handle, geo, work, base, free_rx, work_tx));
         let mut stage = Vec::new();
         for _ in 0..workers {
             let rx = work_rx.clone();
             let tx = done_tx.clone();
-            stage.push(s.spawn(move || block_stage(level, rx, tx)));
+            stage.push(s.spawn(move || block_stage(level, base, rx, tx)));
         }
         drop(work_rx);
         drop(done_tx);
 
-        let written = write_in_order(total_blocks, &done_rx, &free_tx, &mut sink);
+        let written = write_in_order(total_units, &done_rx, &free_tx, &mut sink);
         // Unblock everything upstream before joining, whatever happened.
         drop(done_rx);
         drop(free_tx);
@@ -376,11 +631,29 @@ fn pipeline(
 fn read_all(
     mut handle: device::Handle,
     geo: Geometry,
+    work: &Work,
+    base: &[Image],
     free_rx: Receiver<AlignedBuf>,
-    work_tx: Sender<ReadBlock>,
+    work_tx: Sender<ReadUnit>,
 ) -> Result<()> {
     let bs = u64::from(geo.block_size);
-    let total = geo.size.div_ceil(bs);
+    let blocks = geo.size.div_ceil(bs);
+    let mut planner = match work {
+        Work::Compare if !base.is_empty() => Some(Planner::new(base)),
+        _ => None,
+    };
+    let unit = |i: u64| -> (u64, u64) {
+        match work {
+            Work::All | Work::Compare => (i * bs, (geo.size - i * bs).min(bs)),
+            Work::Extents(e) => e[i as usize],
+        }
+    };
+    let total = match work {
+        Work::All | Work::Compare => blocks,
+        Work::Extents(e) => e.len() as u64,
+    };
+    // Expected pieces wait here from submission until their read completes.
+    let mut expected: BTreeMap<u64, Vec<Piece>> = BTreeMap::new();
     let q = &mut handle.queue;
     let mut next = 0u64;
     loop {
@@ -396,13 +669,19 @@ fn read_all(
                     Err(_) => break,
                 }
             };
-            let offset = next * bs;
-            let want = (geo.size - offset).min(bs) as usize;
+            let (offset, want) = unit(next);
+            let want = want as usize;
             let len = if handle.direct {
                 device::buf::align_up(want)
             } else {
                 want
             };
+            if let Some(p) = planner.as_mut() {
+                expected.insert(
+                    next,
+                    fit_pieces(p.next().unwrap_or_default(), offset, want as u64),
+                );
+            }
             q.submit(Request {
                 op: Op::Read,
                 tag: next,
@@ -419,24 +698,28 @@ fn read_all(
             return Ok(());
         }
         let c = q.wait().context("waiting for a read")?;
-        let want = (geo.size - c.offset).min(bs) as usize;
+        let (_, want) = unit(c.tag);
         c.result
             .with_context(|| format!("read error at offset {} of the source", c.offset))?;
-        if work_tx
-            .send(ReadBlock {
-                seq: c.tag,
-                offset: c.offset,
-                len: want,
-                buf: c.buf,
-            })
-            .is_err()
-        {
+        let unit = ReadUnit {
+            seq: c.tag,
+            offset: c.offset,
+            len: want as usize,
+            buf: c.buf,
+            expected: expected.remove(&c.tag),
+        };
+        if work_tx.send(unit).is_err() {
             return Ok(());
         }
     }
 }
 
-fn block_stage(level: i32, rx: Receiver<ReadBlock>, tx: Sender<Processed>) -> Result<()> {
+fn block_stage(
+    level: i32,
+    base: &[Image],
+    rx: Receiver<ReadUnit>,
+    tx: Sender<Processed>,
+) -> Result<()> {
     let mut compressor = zstd::bulk::Compressor::new(level).context("zstd init")?;
     if level <= 1 {
         // Level 1's default hash table is sized for streams; for 1 MiB blocks a 32 Ki-entry
@@ -447,33 +730,119 @@ fn block_stage(level: i32, rx: Receiver<ReadBlock>, tx: Sender<Processed>) -> Re
             .set_parameter(zstd::stream::raw::CParameter::HashLog(15))
             .context("zstd parameters")?;
     }
-    for b in rx {
-        let data = &b.buf.as_slice()[..b.len];
-        let (hash, kind) = if is_zero(data) {
-            (zero_hash(b.len), Stage::Zero)
-        } else {
-            let hash = *blake3::hash(data).as_bytes();
-            // An output buffer one byte smaller than the input: if zstd cannot fit the block in it,
-            // compression does not pay and the block is stored raw.
-            let mut out = Vec::with_capacity(b.len - 1);
-            match compressor.compress_to_buffer(data, &mut out) {
-                Ok(_) if out.len() < b.len => (hash, Stage::Zstd(out)),
-                _ => (hash, Stage::Raw),
+    for u in rx {
+        let data = &u.buf.as_slice()[..u.len];
+        let mut outs = Vec::new();
+        match &u.expected {
+            None => outs.push(stage_extent(&mut compressor, data, 0, u.offset)),
+            Some(pieces) => {
+                for (start, end) in changed_ranges(data, u.offset, pieces, base) {
+                    outs.push(stage_extent(
+                        &mut compressor,
+                        &data[start..end],
+                        start,
+                        u.offset + start as u64,
+                    ));
+                }
             }
-        };
+        }
         let p = Processed {
-            seq: b.seq,
-            offset: b.offset,
-            len: b.len,
-            hash,
-            kind,
-            buf: b.buf,
+            seq: u.seq,
+            len: u.len,
+            outs,
+            buf: u.buf,
         };
         if tx.send(p).is_err() {
             break;
         }
     }
     Ok(())
+}
+
+/// Zero test, hash, and compression of one extent (`at` is its position in the read buffer).
+fn stage_extent(
+    compressor: &mut zstd::bulk::Compressor<'_>,
+    data: &[u8],
+    at: usize,
+    offset: u64,
+) -> StagedOut {
+    let len = data.len() as u64;
+    if is_zero(data) {
+        return StagedOut {
+            offset,
+            len,
+            hash: zero_hash(data.len()),
+            stage: Stage::Zero,
+        };
+    }
+    let hash = *blake3::hash(data).as_bytes();
+    // An output buffer one byte smaller than the input: if zstd cannot fit the block in it,
+    // compression does not pay and the block is stored raw.
+    let mut out = Vec::with_capacity(data.len() - 1);
+    let stage = match compressor.compress_to_buffer(data, &mut out) {
+        Ok(_) if out.len() < data.len() => Stage::Zstd(out),
+        _ => Stage::Raw(at),
+    };
+    StagedOut {
+        offset,
+        len,
+        hash,
+        stage,
+    }
+}
+
+/// The base chain's pieces for one block, fitted to the block as it is now: cut at the source's
+/// new end after a shrink, and extended with zero (what a restore of the base gives there) after
+/// a growth.
+fn fit_pieces(mut pieces: Vec<Piece>, offset: u64, len: u64) -> Vec<Piece> {
+    let end = offset + len;
+    pieces.retain(|p| p.offset < end);
+    if let Some(last) = pieces.last_mut() {
+        last.len = last.len.min(end - last.offset);
+    }
+    let covered = pieces.last().map_or(offset, |p| p.offset + p.len);
+    if covered < end {
+        pieces.push(Piece {
+            offset: covered,
+            len: end - covered,
+            source: Source::Zero,
+        });
+    }
+    pieces
+}
+
+/// For a compare-scan: the byte ranges of `data` (a block read at `offset`) that differ from what
+/// the base chain holds there. A piece is unchanged only when it is provably equal: zero where the
+/// chain has zero, or hashing to the hash of the one whole entry that supplies it. A piece that is
+/// part of a larger entry cannot be compared by hash and counts as changed.
+fn changed_ranges(
+    data: &[u8],
+    offset: u64,
+    pieces: &[Piece],
+    base: &[Image],
+) -> Vec<(usize, usize)> {
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for p in pieces {
+        let from = (p.offset - offset) as usize;
+        let to = from + p.len as usize;
+        let slice = &data[from..to];
+        let same = match p.source {
+            Source::Zero => is_zero(slice),
+            Source::Entry(ci, ei) => {
+                let e = &base[ci].index.entries[ei];
+                e.offset == p.offset
+                    && u64::from(e.length) == p.len
+                    && blake3::hash(slice).as_bytes() == &e.hash
+            }
+        };
+        if !same {
+            match out.last_mut() {
+                Some((_, end)) if *end == from => *end = to,
+                _ => out.push((from, to)),
+            }
+        }
+    }
+    out
 }
 
 fn zero_hash(len: usize) -> format::Hash {
@@ -494,15 +863,15 @@ fn zero_hash(len: usize) -> format::Hash {
 }
 
 fn write_in_order(
-    total_blocks: u64,
+    total_units: u64,
     done_rx: &Receiver<Processed>,
     free_tx: &Sender<AlignedBuf>,
-    sink: &mut impl FnMut(Frame<'_>) -> Result<Option<Entry>>,
+    sink: &mut impl FnMut(Unit<'_>) -> Result<Vec<Entry>>,
 ) -> Result<Vec<Entry>> {
     let mut pending: BTreeMap<u64, Processed> = BTreeMap::new();
     let mut entries = Vec::new();
     let mut next = 0u64;
-    while next < total_blocks {
+    while next < total_units {
         let p = match pending.remove(&next) {
             Some(p) => p,
             None => {
@@ -516,22 +885,76 @@ fn write_in_order(
                 p
             }
         };
-        let stored = match &p.kind {
-            Stage::Zero => None,
-            Stage::Raw => Some((Codec::Raw, &p.buf.as_slice()[..p.len])),
-            Stage::Zstd(v) => Some((Codec::Zstd, v.as_slice())),
-        };
-        let frame = Frame {
-            offset: p.offset,
-            length: p.len as u64,
-            hash: p.hash,
-            stored,
-        };
-        if let Some(e) = sink(frame)? {
-            entries.push(e);
-        }
+        let outs = p
+            .outs
+            .iter()
+            .map(|o| Out {
+                offset: o.offset,
+                len: o.len,
+                hash: o.hash,
+                stored: match &o.stage {
+                    Stage::Zero => None,
+                    Stage::Raw(at) => {
+                        Some((Codec::Raw, &p.buf.as_slice()[*at..*at + o.len as usize]))
+                    }
+                    Stage::Zstd(v) => Some((Codec::Zstd, v.as_slice())),
+                },
+            })
+            .collect();
+        entries.extend(sink(Unit {
+            read_len: p.len as u64,
+            outs,
+        })?);
         let _ = free_tx.send(p.buf);
         next += 1;
     }
     Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base_pieces_fit_a_grown_or_shrunk_source() {
+        let p = |offset, len, source| Piece {
+            offset,
+            len,
+            source,
+        };
+        let old = vec![p(0, 4096, Source::Zero), p(4096, 4096, Source::Entry(0, 3))];
+        assert_eq!(
+            fit_pieces(old.clone(), 0, 12288),
+            vec![old[0].clone(), old[1].clone(), p(8192, 4096, Source::Zero)]
+        );
+        assert_eq!(
+            fit_pieces(old.clone(), 0, 6144),
+            vec![old[0].clone(), p(4096, 2048, Source::Entry(0, 3))]
+        );
+        assert_eq!(
+            fit_pieces(Vec::new(), 1 << 20, 4096),
+            vec![p(1 << 20, 4096, Source::Zero)]
+        );
+    }
+
+    #[test]
+    fn runs_become_extents_inside_blocks() {
+        let size = (4 << 20) - 100;
+        let e = extents_from_runs(
+            &[(0, 2), (250, 10), (1000, 5), (1023, 5)],
+            4096,
+            1 << 20,
+            size,
+        );
+        assert_eq!(
+            e,
+            vec![
+                (0, 8192),
+                (250 * 4096, 6 * 4096),
+                (1 << 20, 4 * 4096),
+                (1000 * 4096, 5 * 4096),
+                (1023 * 4096, size - 1023 * 4096)
+            ]
+        );
+    }
 }

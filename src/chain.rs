@@ -42,14 +42,12 @@ pub fn resolve(repo: &Repository, id: &str) -> Result<Vec<Image>> {
     if full.kind != ImageKind::Full {
         bail!("image {id}: its chain does not start with a full image");
     }
+    // Sizes may differ along a chain (a grown or shrunk device); blocks and granules may not.
     for img in &chain[1..] {
         let m = &img.manifest;
-        if m.source.size != full.source.size
-            || m.block_size != full.block_size
-            || m.granule != full.granule
-        {
+        if m.block_size != full.block_size || m.granule != full.granule {
             bail!(
-                "image {}: geometry differs from its full image {}",
+                "image {}: block geometry differs from its full image {}",
                 m.id,
                 full.id
             );
@@ -86,8 +84,9 @@ pub struct Planner<'a> {
 }
 
 impl<'a> Planner<'a> {
+    /// Plans the state of the chain's last image, at that image's size.
     pub fn new(chain: &'a [Image]) -> Self {
-        let m = &chain[0].manifest;
+        let m = &chain[chain.len() - 1].manifest;
         let block_size = u64::from(m.block_size);
         Planner {
             chain,
@@ -124,6 +123,7 @@ impl Iterator for Planner<'_> {
             let cur = &mut self.cursors[ci];
             while *cur < entries.len() && entries[*cur].offset < end {
                 let e = &entries[*cur];
+                // (After a shrink, an older entry may reach past the new end: it is cut there.)
                 let src = if e.kind == EntryKind::Zero {
                     Source::Zero
                 } else {

@@ -47,6 +47,18 @@ enum Command {
     Verify(SelectArgs),
     /// One row per image in REPO.
     List(ListArgs),
+    /// Everything one image's manifest records: source, sizes, partition table.
+    Show(ShowArgs),
+    /// The block devices of this machine, as you check them before overwriting one.
+    Disks,
+}
+
+#[derive(Args)]
+struct ShowArgs {
+    /// Repository directory.
+    repo: PathBuf,
+    #[command(flatten)]
+    select: Selection,
 }
 
 #[derive(Args)]
@@ -90,6 +102,15 @@ struct RestoreArgs {
     /// Do not ask for confirmation before overwriting (for scripts).
     #[arg(long, short = 'y')]
     yes: bool,
+    /// Restore only partition N of a whole-disk image, onto a partition or device of sufficient size.
+    #[arg(long, value_name = "N")]
+    partition: Option<u32>,
+    /// On a larger drive, also extend the last partition to the end (grow its filesystem afterwards).
+    #[arg(long)]
+    grow_last_partition: bool,
+    /// Read the target back (O_DIRECT) after writing and compare it with the image's hashes.
+    #[arg(long)]
+    verify: bool,
 }
 
 #[derive(Args)]
@@ -209,20 +230,37 @@ pub fn main() -> Result<()> {
                 name: a.select.name,
                 image: a.select.image,
                 yes: a.yes,
+                partition: a.partition,
+                grow_last_partition: a.grow_last_partition,
+                verify: a.verify,
             };
             let r = restore::run(&opts, &progress)?;
             if cli.json {
                 print_json(&r);
             } else if !cli.quiet {
+                let what = match r.partition {
+                    Some(n) => format!("partition {n} of image {}", r.id),
+                    None => format!("image {}", r.id),
+                };
                 eprintln!(
-                    "restored image {} ({}) onto {}: {} written, {} zeroed, {:.1} s; every block verified",
-                    r.id,
+                    "restored {what} ({}) onto {}: {} written, {} zeroed, {:.1} s; every block verified{}",
                     r.name,
                     r.target,
                     human_bytes(r.bytes_written),
                     human_bytes(r.bytes_zeroed),
-                    r.duration_ms as f64 / 1000.0
+                    r.duration_ms as f64 / 1000.0,
+                    if r.verified { ", and read back from the target" } else { "" }
                 );
+                if let Some((from, to)) =
+                    r.partition_table.as_ref().and_then(|c| c.backup_header_lba)
+                {
+                    eprintln!(
+                        "GPT backup header moved from LBA {from} to LBA {to} (the drive's end)"
+                    );
+                }
+                for h in &r.hints {
+                    eprintln!("hint: {h}");
+                }
             }
         }
         Command::Verify(a) => {
@@ -271,6 +309,29 @@ pub fn main() -> Result<()> {
                 );
             }
         }
+        Command::Show(a) => {
+            let repo = Repository::open(&a.repo)?;
+            let id =
+                restore::select_image(&repo, a.select.name.as_deref(), a.select.image.as_deref())?;
+            let (m, _) = repo.load_manifest(&id)?;
+            if cli.json {
+                print_json(&m);
+            } else {
+                for l in list::show_lines(&m) {
+                    println!("{l}");
+                }
+            }
+        }
+        Command::Disks => {
+            let disks = crate::disks::run()?;
+            if cli.json {
+                print_json(&disks);
+            } else {
+                for l in crate::disks::render(&disks) {
+                    println!("{l}");
+                }
+            }
+        }
         Command::List(a) => {
             let repo = Repository::open(&a.repo)?;
             let rows = list::run(&repo)?;
@@ -297,6 +358,9 @@ pub fn main() -> Result<()> {
                         r.created.as_deref().unwrap_or("?"),
                         r.status
                     );
+                    if let Some(t) = &r.partition_table {
+                        println!("    {}", list::table_summary(t));
+                    }
                 }
             }
         }
@@ -305,7 +369,7 @@ pub fn main() -> Result<()> {
 }
 
 /// "1.5G"-style sizes for table columns.
-fn short_bytes(n: u64) -> String {
+pub fn short_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["K", "M", "G", "T", "P"];
     if n < 1024 {
         return format!("{n}B");

@@ -7,6 +7,7 @@ pub mod backup;
 pub mod chain;
 pub mod cli;
 pub mod device;
+pub mod disks;
 pub mod format;
 pub mod list;
 pub mod progress;

@@ -16,6 +16,9 @@ pub struct Row {
     pub source_size: Option<u64>,
     pub data_bytes: Option<u64>,
     pub stored_bytes: Option<u64>,
+    /// The source disk's partition table, when the image recorded one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition_table: Option<crate::ptable::PartitionTable>,
     /// "complete", or "damaged: why" when the manifest or a segment is missing or wrong.
     pub status: String,
 }
@@ -47,6 +50,7 @@ pub fn run(repo: &Repository) -> Result<Vec<Row>> {
                     source_size: Some(m.source.size),
                     data_bytes: Some(m.stats.data_bytes),
                     stored_bytes: Some(m.stats.stored_bytes),
+                    partition_table: m.partition_table.clone(),
                     status,
                 }
             }
@@ -61,11 +65,80 @@ pub fn run(repo: &Repository) -> Result<Vec<Row>> {
                 source_size: None,
                 data_bytes: None,
                 stored_bytes: None,
+                partition_table: None,
                 status: format!("damaged: {e:#}"),
             },
         };
         rows.push(row);
     }
-    rows.sort_by(|a, b| (&a.created, &a.id).cmp(&(&b.created, &b.id)));
     Ok(rows)
+}
+
+/// One line about a partition table, under an image's row in `list`.
+pub fn table_summary(t: &crate::ptable::PartitionTable) -> String {
+    let parts: Vec<String> = t
+        .partitions
+        .iter()
+        .map(|p| {
+            format!(
+                "{}: {} {}",
+                p.number,
+                crate::cli::short_bytes(p.size),
+                p.type_name.as_deref().unwrap_or(&p.type_id)
+            )
+        })
+        .collect();
+    format!(
+        "{} {}, {}-byte sectors: {}",
+        t.kind.as_str().to_uppercase(),
+        t.disk_id,
+        t.sector_size,
+        if parts.is_empty() {
+            "no partitions".to_string()
+        } else {
+            parts.join(", ")
+        }
+    )
+}
+
+/// `cairn show`: what one image's manifest says, for a person.
+pub fn show_lines(m: &crate::format::Manifest) -> Vec<String> {
+    use crate::restore::human_bytes;
+    let s = &m.source;
+    let mut out = vec![
+        format!("image      {}", m.id),
+        format!("name       {}", m.name),
+        format!(
+            "kind       {}{}",
+            m.kind.as_str(),
+            m.parent
+                .as_ref()
+                .map(|p| format!(" (parent {})", p.id))
+                .unwrap_or_default()
+        ),
+        format!("created    {}", m.created),
+        format!("source     {} ({})", s.path, s.kind),
+        format!("size       {}", human_bytes(s.size)),
+        format!(
+            "sectors    {} logical, {} physical",
+            s.logical_sector_size, s.physical_sector_size
+        ),
+    ];
+    for (k, v) in [("model", &s.model), ("serial", &s.serial), ("wwn", &s.wwn)] {
+        if let Some(v) = v {
+            out.push(format!("{k:<10} {v}"));
+        }
+    }
+    out.push(format!(
+        "data       {} in {} of {} blocks ({} stored)",
+        human_bytes(m.stats.data_bytes),
+        m.stats.blocks_stored,
+        m.stats.blocks_total,
+        human_bytes(m.stats.stored_bytes)
+    ));
+    match &m.partition_table {
+        Some(t) => out.extend(t.describe()),
+        None => out.push("no partition table recorded".to_string()),
+    }
+    out
 }

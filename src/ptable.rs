@@ -488,8 +488,16 @@ fn fit_gpt(
             .ok_or_else(|| anyhow!("--grow-last-partition: the disk has no partitions"))?;
         let p = &mut gpt[last];
         let old_size = (p.ending_lba - p.starting_lba + 1) * ss;
-        if p.ending_lba < new_last_usable {
-            p.ending_lba = new_last_usable;
+        // End on a 1 MiB boundary when that still grows it (partitioning tools warn otherwise).
+        let align = ((1u64 << 20) / ss).max(1);
+        let aligned = ((new_last_usable + 1) / align * align).saturating_sub(1);
+        let new_end = if aligned > p.ending_lba {
+            aligned
+        } else {
+            new_last_usable
+        };
+        if p.ending_lba < new_end {
+            p.ending_lba = new_end;
         }
         grown = Some(Grown {
             number: last,

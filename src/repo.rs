@@ -14,7 +14,6 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 const MARKER: &str = "cairn-repository";
-const MARKER_BODY: &str = "{\"format\":\"cairn-repository\",\"version\":1}\n";
 
 pub struct Repository {
     pub root: PathBuf,
@@ -71,11 +70,29 @@ impl Repository {
         for d in ["images", "tmp"] {
             mkdir_private(&root.join(d))?;
         }
-        write_file_synced(&root.join(MARKER), MARKER_BODY.as_bytes())?;
+        let marker =
+            serde_json::json!({"format": "cairn-repository", "version": 1, "id": random_hex(16)});
+        write_file_synced(&root.join(MARKER), format!("{marker}\n").as_bytes())?;
         sync_dir(root)?;
         Ok(Repository {
             root: root.to_path_buf(),
         })
+    }
+
+    /// A stable identity for the repository, wherever it is mounted: the random id in its marker
+    /// (the canonical path for a marker without one).
+    pub fn identity(&self) -> String {
+        std::fs::read(self.root.join(MARKER))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string))
+            .filter(|id| id.len() <= 64 && id.bytes().all(|c| c.is_ascii_hexdigit()))
+            .unwrap_or_else(|| {
+                fs::canonicalize(&self.root)
+                    .unwrap_or_else(|_| self.root.clone())
+                    .display()
+                    .to_string()
+            })
     }
 
     pub fn images_dir(&self) -> PathBuf {
@@ -173,7 +190,7 @@ impl Repository {
                 ids.push(name);
             }
         }
-        ids.sort();
+        ids.sort_by(|a, b| id_order(a).cmp(&id_order(b)));
         Ok(ids)
     }
 
@@ -242,6 +259,26 @@ impl Repository {
             committed: false,
         })
     }
+}
+
+/// Creation order of image ids: the timestamp, then the numeric `-N` suffix given to images made
+/// within the same second (so `-10` sorts after `-9`).
+pub fn id_order(id: &str) -> (&str, u64) {
+    match id.rsplit_once('-') {
+        Some((base, n)) if !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()) => {
+            (base, n.parse().unwrap_or(u64::MAX))
+        }
+        _ => (id, 0),
+    }
+}
+
+/// `n` random bytes as hex, from the kernel's generator.
+pub fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    if let Ok(mut f) = File::open("/dev/urandom") {
+        let _ = f.read_exact(&mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 pub fn image_error(id: &str, file: &str, offset: Option<u64>, e: FormatError) -> anyhow::Error {
@@ -426,12 +463,7 @@ impl Drop for ImageWriter {
 fn write_error(e: std::io::Error, dir: &Path, file: &str) -> anyhow::Error {
     if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
         let free = nix::sys::statvfs::statvfs(dir)
-            .map(|v| {
-                format!(
-                    " ({} bytes free)",
-                    v.blocks_available() * v.fragment_size()
-                )
-            })
+            .map(|v| format!(" ({} bytes free)", v.blocks_available() * v.fragment_size()))
             .unwrap_or_default();
         anyhow!("the repository's filesystem is full{free} while writing {file}: free space or use another destination")
     } else {

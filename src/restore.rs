@@ -24,6 +24,12 @@ pub struct RestoreOptions {
     pub name: Option<String>,
     pub image: Option<String>,
     pub yes: bool,
+    /// Restore only this partition of a whole-disk image (its byte range, at offset 0 of the target).
+    pub partition: Option<u32>,
+    /// Extend the last partition to the end of a larger drive.
+    pub grow_last_partition: bool,
+    /// Read the target back (O_DIRECT) after the restore and compare it with the image's hashes.
+    pub verify: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -33,8 +39,20 @@ pub struct RestoreReport {
     pub chain: Vec<String>,
     pub target: String,
     pub source_size: u64,
+    /// Size of the target device (the restored size for a file).
+    pub target_size: u64,
+    /// `--partition N`.
+    pub partition: Option<u32>,
+    /// Image bytes [start, end) written, at target offset 0 for a partition.
+    pub range: [u64; 2],
     pub bytes_written: u64,
     pub bytes_zeroed: u64,
+    /// True when the target was read back and matched the image (`--verify`).
+    pub verified: bool,
+    /// What was changed in the partition table to fit the target, if anything.
+    pub partition_table: Option<crate::ptable::TableChange>,
+    /// What to do next (grow the filesystem of a grown partition).
+    pub hints: Vec<String>,
     pub duration_ms: u64,
     pub io: String,
 }
@@ -58,10 +76,8 @@ pub fn select_image(repo: &Repository, name: Option<&str>, image: Option<&str>) 
     for id in repo.image_ids()? {
         match repo.load_manifest(&id) {
             Ok((m, _)) => {
-                let e = newest.entry(m.name.clone()).or_insert((0, String::new()));
-                if (m.created_unix, &m.id) > (e.0, &e.1) {
-                    *e = (m.created_unix, m.id);
-                }
+                // image_ids() is in creation order: the last one seen is the newest.
+                newest.insert(m.name.clone(), (m.created_unix, m.id));
             }
             Err(e) => tracing::warn!("skipping unreadable image: {e:#}"),
         }
@@ -94,40 +110,142 @@ pub fn run(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> 
             .with_context(|| format!("image {id} cannot be restored"))?;
     }
     let target_img = chain.last().expect("non-empty chain");
-    let size = target_img.manifest.source.size;
-    let target = prepare_target(&opts.target, &opts.repo, size, opts.yes)?;
+    let m = &target_img.manifest;
+    let image_size = m.source.size;
+    let tpath = &opts.target;
 
-    let buffers = device::buf::pool(POOL_BUFFERS, target_img.manifest.block_size as usize);
-    let mut handle = device::open(
-        &opts.target,
-        Access::Write,
-        target.is_block,
-        QUEUE_DEPTH,
-        &buffers,
-    )?;
+    let tinfo = probe_target(tpath)?;
+    let is_block = tinfo.as_ref().is_some_and(DeviceInfo::is_block);
+    // The partition table as the image holds it (authoritative for this restore point).
+    let table = if m.source.kind == "partition" {
+        None
+    } else {
+        match image_table(&chain) {
+            Ok(t) => t,
+            Err(e) if opts.partition.is_some() || opts.grow_last_partition => {
+                return Err(e.context(format!("image {id}: cannot read its partition table")))
+            }
+            Err(e) => {
+                tracing::debug!("image {id}: no readable partition table: {e:#}");
+                None
+            }
+        }
+    };
+
+    // What to write: the byte range [start, end) of the image, at target offset (offset - start).
+    let (start, end, needed) = if let Some(n) = opts.partition {
+        if opts.grow_last_partition {
+            bail!("--grow-last-partition applies to whole-disk restores, not to --partition");
+        }
+        let t = table.as_ref().ok_or_else(|| {
+            anyhow!(
+                "image {id} ({}, a {}) has no partition table, so it has no partition {n}",
+                m.source.path,
+                m.source.kind
+            )
+        })?;
+        let p = t.partition(n).ok_or_else(|| {
+            anyhow!(
+                "image {id} has no partition {n}; its partitions are {}",
+                t.partitions
+                    .iter()
+                    .map(|p| format!("{} ({})", p.number, human_bytes(p.size)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+        if p.extended {
+            bail!("partition {n} of image {id} is an extended partition (a container); restore the logical partitions in it");
+        }
+        if p.end() > image_size {
+            bail!("partition {n} of image {id} ends at byte {}, beyond the image's {image_size} bytes", p.end());
+        }
+        (p.start, p.end(), p.size)
+    } else {
+        (0, image_size, image_size)
+    };
+    let whole = opts.partition.is_none();
+    if opts.grow_last_partition && table.is_none() {
+        bail!("--grow-last-partition: image {id} has no partition table");
+    }
+
+    // Size and sector checks, before anything is written.
+    let target_size = match &tinfo {
+        Some(info) if info.is_block() => info.size,
+        _ => needed,
+    };
+    let mut end = end;
+    if let (Some(info), true) = (&tinfo, is_block) {
+        if whole {
+            if let Some(t) = &table {
+                if info.logical_sector_size != t.sector_size {
+                    bail!(
+                        "image {id} is of a disk with {}-byte logical sectors and a {} partition table, but target {} has {}-byte sectors: every partition would be at the wrong place; restore onto a drive with {}-byte sectors, or restore single partitions with --partition N",
+                        t.sector_size,
+                        t.kind.as_str().to_uppercase(),
+                        tpath.display(),
+                        info.logical_sector_size,
+                        t.sector_size
+                    );
+                }
+            }
+        }
+        if info.size < needed {
+            match (&table, whole) {
+                (Some(t), true) => {
+                    check_fits(&chain, t, image_size, info.size, tpath)?;
+                    end = info.size;
+                }
+                (None, true) => bail!(
+                    "target {} is too small: {} bytes, the image needs {} bytes (it has no partition table cairn could fit onto a smaller drive)",
+                    tpath.display(),
+                    info.size,
+                    needed
+                ),
+                (_, false) => bail!(
+                    "target {} is too small: {} bytes, partition {} is {} bytes",
+                    tpath.display(),
+                    info.size,
+                    opts.partition.unwrap_or(0),
+                    needed
+                ),
+            }
+        }
+    }
+    let target = prepare_target(tpath, &opts.repo, tinfo.as_ref(), opts.yes)?;
+
+    let buffers = device::buf::pool(POOL_BUFFERS, m.block_size as usize);
+    let mut handle = device::open(tpath, Access::Write, target.is_block, QUEUE_DEPTH, &buffers)?;
     let io = handle.queue.describe();
     if !target.is_block {
         handle
             .file
-            .set_len(size)
-            .with_context(|| format!("cannot size {}", opts.target.display()))?;
+            .set_len(needed)
+            .with_context(|| format!("cannot size {}", tpath.display()))?;
     }
-    // Unaligned tails cannot go through O_DIRECT; they are written through a buffered descriptor.
+    // Unaligned pieces cannot go through O_DIRECT; they are written through a buffered descriptor.
     let tail_file = OpenOptions::new()
+        .read(true)
         .write(true)
-        .open(&opts.target)
-        .with_context(|| format!("cannot open {}", opts.target.display()))?;
+        .open(tpath)
+        .with_context(|| format!("cannot open {}", tpath.display()))?;
+    let what = match opts.partition {
+        Some(n) => format!("partition {n} of image {id}"),
+        None => format!("image {id}"),
+    };
     tracing::info!(
-        "restoring image {id} ({} images in chain) onto {} [{io}]",
+        "restoring {what} ({} images in chain) onto {} [{io}]",
         chain.len(),
-        opts.target.display()
+        tpath.display()
     );
-    progress.start(size, &format!("{id} → {}", opts.target.display()));
+    progress.start(end - start, &format!("{id} → {}", tpath.display()));
 
     let mut bytes_written = 0u64;
     let mut bytes_zeroed = 0u64;
+    let range = Range { start, end };
     let write_result = restore_pipeline(
         &chain,
+        range,
         &mut handle,
         buffers,
         |w| {
@@ -151,21 +269,80 @@ pub fn run(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> 
     progress.finish();
     write_result.with_context(|| {
         format!(
-            "restore of image {id} onto {} failed; the target is only partly written",
-            opts.target.display()
+            "restore of {what} onto {} failed; the target is only partly written",
+            tpath.display()
         )
     })?;
     handle.file.sync_all().context("flushing the target")?;
     tail_file.sync_all().context("flushing the target")?;
+    drop(handle);
+
+    let verified = if opts.verify {
+        verify_target(&chain, range, tpath, progress).with_context(|| {
+            format!(
+                "verification of {} after the restore failed",
+                tpath.display()
+            )
+        })?;
+        true
+    } else {
+        false
+    };
+
+    let mut hints = Vec::new();
+    let mut table_change = None;
+    if let (Some(t), true) = (&table, whole) {
+        let mut f = tail_file;
+        table_change = crate::ptable::fit_to_target(
+            &mut f,
+            t,
+            image_size,
+            target_size,
+            opts.grow_last_partition,
+        )
+        .with_context(|| {
+            format!(
+                "the data of image {id} is on {}, but its partition table could not be fitted to the drive",
+                tpath.display()
+            )
+        })?;
+        if verified && t.kind == crate::ptable::TableKind::Gpt {
+            crate::ptable::check_gpt(&mut f, u64::from(t.sector_size), target_size)
+                .context("verifying the partition table after the restore")?;
+        }
+        if let Some(g) = table_change.as_ref().and_then(|c| c.grown.as_ref()) {
+            let base = tpath.display().to_string();
+            let dev = if base.ends_with(|c: char| c.is_ascii_digit()) {
+                format!("{base}p{}", g.number)
+            } else {
+                format!("{base}{}", g.number)
+            };
+            hints.push(format!(
+                "partition {} grew from {} to {}; grow its filesystem to match: resize2fs {dev} (ext2/3/4), or mount it and run xfs_growfs MOUNTPOINT (xfs) or btrfs filesystem resize max MOUNTPOINT (btrfs)",
+                g.number,
+                human_bytes(g.old_size),
+                human_bytes(g.new_size)
+            ));
+        }
+        if target.is_block {
+            reread_partitions(tpath);
+        }
+    }
 
     Ok(RestoreReport {
         id: id.clone(),
-        name: target_img.manifest.name.clone(),
+        name: m.name.clone(),
         chain: chain.iter().map(|i| i.id().to_string()).collect(),
-        target: opts.target.display().to_string(),
-        source_size: size,
+        target: tpath.display().to_string(),
+        source_size: image_size,
+        target_size,
+        partition: opts.partition,
+        range: [start, end],
         bytes_written,
         bytes_zeroed,
+        verified,
+        partition_table: table_change,
+        hints,
         duration_ms: started.elapsed().as_millis() as u64,
         io,
     })
@@ -177,31 +354,61 @@ struct Target {
     fresh_file: bool,
 }
 
-fn prepare_target(path: &Path, repo: &Path, size: u64, yes: bool) -> Result<Target> {
+/// The byte range of the image a restore writes; it lands at target offset `offset - start`.
+#[derive(Debug, Clone, Copy)]
+struct Range {
+    start: u64,
+    end: u64,
+}
+
+impl Range {
+    /// The part of a block's pieces inside the range.
+    fn clip(&self, pieces: &[Piece]) -> Vec<Piece> {
+        pieces
+            .iter()
+            .filter_map(|p| {
+                let s = p.offset.max(self.start);
+                let e = (p.offset + p.len).min(self.end);
+                (s < e).then(|| Piece {
+                    offset: s,
+                    len: e - s,
+                    source: p.source,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Facts about an existing target; None for a path that does not exist yet (a new file).
+fn probe_target(path: &Path) -> Result<Option<DeviceInfo>> {
     if !path.exists() {
         if device::on_devtmpfs(path) {
             bail!(
-                "{} does not exist; check the device name with `lsblk` (cairn does not create files in /dev)",
+                "{} does not exist; check the device name with `lsblk` or `cairn disks` (cairn does not create files in /dev)",
                 path.display()
             );
         }
+        return Ok(None);
+    }
+    device::require_root_for(path)?;
+    DeviceInfo::probe(path)
+        .map(Some)
+        .with_context(|| format!("cannot use target {}", path.display()))
+}
+
+fn prepare_target(
+    path: &Path,
+    repo: &Path,
+    info: Option<&DeviceInfo>,
+    yes: bool,
+) -> Result<Target> {
+    let Some(info) = info else {
         return Ok(Target {
             is_block: false,
             fresh_file: true,
         });
-    }
-    device::require_root_for(path)?;
-    let info =
-        DeviceInfo::probe(path).with_context(|| format!("cannot use target {}", path.display()))?;
+    };
     if info.is_block() {
-        if info.size < size {
-            bail!(
-                "target {} is too small: {} bytes, the image needs {} bytes",
-                path.display(),
-                info.size,
-                size
-            );
-        }
         if let Some(why) = info.in_use_reason() {
             bail!(
                 "refusing to write {}: {why}; unmount it first",
@@ -285,6 +492,9 @@ enum WriteOut {
     Data { len: u64 },
 }
 
+/// One entry's stored payload: (position in the chain, entry number, codec, bytes).
+type Payload = (usize, usize, Codec, Vec<u8>);
+
 /// A block's payloads, read from the segments and crc-checked.
 struct ReadJob {
     seq: u64,
@@ -329,6 +539,7 @@ enum DecodedKind {
 
 fn restore_pipeline(
     chain: &[Image],
+    range: Range,
     handle: &mut device::Handle,
     buffers: Vec<AlignedBuf>,
     mut account: impl FnMut(WriteOut) -> Result<()>,
@@ -345,14 +556,21 @@ fn restore_pipeline(
     let (job_tx, job_rx) = bounded::<Job>(POOL_BUFFERS);
     let (dec_tx, dec_rx) = bounded::<Decoded>(POOL_BUFFERS);
     std::thread::scope(|s| {
-        let reader = s.spawn(move || read_jobs(chain, job_tx));
+        let reader = s.spawn(move || read_jobs(chain, range, job_tx));
         let mut stage = Vec::new();
         for _ in 0..workers {
             let (rx, tx, free) = (job_rx.clone(), dec_tx.clone(), free_rx.clone());
             stage.push(s.spawn(move || decode_jobs(chain, rx, tx, free)));
         }
         drop((job_rx, dec_tx, free_rx));
-        let written = write_jobs(handle, &dec_rx, &free_tx, &mut account, tail_file);
+        let written = write_jobs(
+            handle,
+            range.start,
+            &dec_rx,
+            &free_tx,
+            &mut account,
+            tail_file,
+        );
         drop(dec_rx);
         drop(free_tx);
         let read_result = reader
@@ -367,12 +585,19 @@ fn restore_pipeline(
     })
 }
 
-fn read_jobs(chain: &[Image], tx: Sender<Job>) -> Result<()> {
+fn read_jobs(chain: &[Image], range: Range, tx: Sender<Job>) -> Result<()> {
     let mut readers: Vec<SegmentReader> = chain.iter().map(Image::segment_reader).collect();
     let mut seq = 0u64;
     let mut zero_run: Option<(u64, u64)> = None;
     let planner = Planner::new(chain);
     for pieces in planner {
+        if pieces[0].offset >= range.end {
+            break;
+        }
+        let pieces = range.clip(&pieces);
+        if pieces.is_empty() {
+            continue;
+        }
         let offset = pieces[0].offset;
         let len: u64 = pieces.iter().map(|p| p.len).sum();
         if pieces.len() == 1 && pieces[0].source == Source::Zero {
@@ -409,23 +634,13 @@ fn read_jobs(chain: &[Image], tx: Sender<Job>) -> Result<()> {
             }
             seq += 1;
         }
-        let mut payloads: Vec<(usize, usize, Codec, Vec<u8>)> = Vec::new();
-        for p in &pieces {
-            if let Source::Entry(ci, ei) = p.source {
-                if payloads.iter().any(|(c, e, _, _)| (*c, *e) == (ci, ei)) {
-                    continue;
-                }
-                let entry = &chain[ci].index.entries[ei];
-                let mut payload = Vec::new();
-                match readers[ci].read_payload(entry, &mut payload) {
-                    Ok(codec) => payloads.push((ci, ei, codec, payload)),
-                    Err(error) => {
-                        let _ = tx.send(Job::Failed { seq, error });
-                        return Ok(());
-                    }
-                }
+        let payloads = match read_payloads(chain, &mut readers, &pieces) {
+            Ok(p) => p,
+            Err(error) => {
+                let _ = tx.send(Job::Failed { seq, error });
+                return Ok(());
             }
-        }
+        };
         if tx
             .send(Job::Data(ReadJob {
                 seq,
@@ -514,7 +729,9 @@ fn assemble(
     if j.pieces.len() == 1 && j.payloads.len() == 1 {
         let (ci, ei, codec, payload) = &j.payloads[0];
         let e: &Entry = &chain[*ci].index.entries[*ei];
-        return decode_checked(chain[*ci].id(), e, *codec, payload, dctx, block);
+        if e.offset == j.pieces[0].offset && u64::from(e.length) == j.pieces[0].len {
+            return decode_checked(chain[*ci].id(), e, *codec, payload, dctx, block);
+        }
     }
     for p in &j.pieces {
         let rel = (p.offset - j.offset) as usize;
@@ -538,8 +755,10 @@ fn assemble(
     Ok(())
 }
 
+/// Writes decoded blocks in order; image offset `o` lands at target offset `o - shift`.
 fn write_jobs(
     handle: &mut device::Handle,
+    shift: u64,
     rx: &Receiver<Decoded>,
     free_tx: &Sender<AlignedBuf>,
     account: &mut impl FnMut(WriteOut) -> Result<()>,
@@ -562,10 +781,16 @@ fn write_jobs(
             next += 1;
             match d.kind {
                 DecodedKind::Failed(e) => return Err(e),
-                DecodedKind::Zero { offset, len } => account(WriteOut::Zero { offset, len })?,
+                DecodedKind::Zero { offset, len } => account(WriteOut::Zero {
+                    offset: offset - shift,
+                    len,
+                })?,
                 DecodedKind::Data { offset, len, buf } => {
-                    if direct && len % device::buf::ALIGN != 0 {
-                        // The source's unaligned end: written buffered, flushed with the rest.
+                    let offset = offset - shift;
+                    let align = device::buf::ALIGN;
+                    if direct && (len % align != 0 || offset % align as u64 != 0) {
+                        // An unaligned end (or a partition at an unaligned offset): written
+                        // buffered, flushed with the rest.
                         tail_file
                             .write_all_at(&buf.as_slice()[..len], offset)
                             .with_context(|| {
@@ -621,4 +846,327 @@ fn write_jobs(
         reap(q)?;
     }
     Ok(())
+}
+
+/// Reads and crc-checks the payloads a block's pieces need (each entry once).
+fn read_payloads(
+    chain: &[Image],
+    readers: &mut [SegmentReader],
+    pieces: &[Piece],
+) -> Result<Vec<Payload>> {
+    let mut payloads: Vec<Payload> = Vec::new();
+    for p in pieces {
+        if let Source::Entry(ci, ei) = p.source {
+            if payloads.iter().any(|(c, e, _, _)| (*c, *e) == (ci, ei)) {
+                continue;
+            }
+            let entry = &chain[ci].index.entries[ei];
+            let mut payload = Vec::new();
+            let codec = readers[ci].read_payload(entry, &mut payload)?;
+            payloads.push((ci, ei, codec, payload));
+        }
+    }
+    Ok(payloads)
+}
+
+/// Decodes the plaintext of some pieces of one block (checked like a restore checks them).
+struct BlockDecoder<'a> {
+    chain: &'a [Image],
+    readers: Vec<SegmentReader>,
+    dctx: zstd::bulk::Decompressor<'static>,
+    scratch: Vec<u8>,
+}
+
+impl<'a> BlockDecoder<'a> {
+    fn new(chain: &'a [Image]) -> Result<Self> {
+        Ok(BlockDecoder {
+            chain,
+            readers: chain.iter().map(Image::segment_reader).collect(),
+            dctx: zstd::bulk::Decompressor::new().context("zstd init")?,
+            scratch: Vec::new(),
+        })
+    }
+
+    fn decode(&mut self, pieces: &[Piece]) -> Result<Vec<u8>> {
+        let payloads = read_payloads(self.chain, &mut self.readers, pieces)?;
+        let j = ReadJob {
+            seq: 0,
+            offset: pieces[0].offset,
+            len: pieces.iter().map(|p| p.len).sum(),
+            pieces: pieces.to_vec(),
+            payloads,
+        };
+        let mut block = vec![0u8; j.len as usize];
+        assemble(
+            self.chain,
+            &j,
+            &mut block,
+            &mut self.dctx,
+            &mut self.scratch,
+        )?;
+        Ok(block)
+    }
+
+    /// The whole plaintext of one entry.
+    fn entry(&mut self, ci: usize, ei: usize) -> Result<Vec<u8>> {
+        let e = &self.chain[ci].index.entries[ei];
+        let mut payload = Vec::new();
+        let codec = self.readers[ci].read_payload(e, &mut payload)?;
+        let mut out = vec![0u8; e.length as usize];
+        decode_checked(
+            self.chain[ci].id(),
+            e,
+            codec,
+            &payload,
+            &mut self.dctx,
+            &mut out,
+        )?;
+        Ok(out)
+    }
+}
+
+/// The restore point's bytes as a seekable stream (for the partition-table parsers). Decodes one
+/// block at a time; a seek far away replans from the start, which costs index walking only.
+struct ImageReader<'a> {
+    dec: BlockDecoder<'a>,
+    size: u64,
+    block_size: u64,
+    pos: u64,
+    cache: Option<(u64, Vec<u8>)>,
+}
+
+impl<'a> ImageReader<'a> {
+    fn new(chain: &'a [Image]) -> Result<Self> {
+        let m = &chain[0].manifest;
+        Ok(ImageReader {
+            dec: BlockDecoder::new(chain)?,
+            size: m.source.size,
+            block_size: u64::from(m.block_size),
+            pos: 0,
+            cache: None,
+        })
+    }
+}
+
+impl std::io::Read for ImageReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.size || out.is_empty() {
+            return Ok(0);
+        }
+        let block = self.pos / self.block_size;
+        if self.cache.as_ref().map(|c| c.0) != Some(block) {
+            let pieces = Planner::new(self.dec.chain)
+                .nth(block as usize)
+                .ok_or_else(|| std::io::Error::other("restore plan ended early"))?;
+            let data = self
+                .dec
+                .decode(&pieces)
+                .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+            self.cache = Some((block, data));
+        }
+        let data = &self.cache.as_ref().expect("cached").1;
+        let rel = (self.pos - block * self.block_size) as usize;
+        let n = out.len().min(data.len() - rel);
+        out[..n].copy_from_slice(&data[rel..rel + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl std::io::Seek for ImageReader<'_> {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        let new = match pos {
+            std::io::SeekFrom::Start(n) => Some(n),
+            std::io::SeekFrom::End(d) => self.size.checked_add_signed(d),
+            std::io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        self.pos = new.ok_or_else(|| std::io::Error::other("seek out of range"))?;
+        Ok(self.pos)
+    }
+}
+
+/// The partition table stored in the restore point's data (None when it has none).
+fn image_table(chain: &[Image]) -> Result<Option<crate::ptable::PartitionTable>> {
+    let m = &chain.last().expect("non-empty chain").manifest;
+    let mut r = ImageReader::new(chain)?;
+    crate::ptable::read(&mut r, m.source.size, m.source.logical_sector_size)
+}
+
+/// The smaller-drive check: every partition must end inside the target, and no non-zero byte outside
+/// the partitions may lie where the target has no room (beyond its end, or where the relocated GPT
+/// backup goes) — other than the image's own GPT backup, which is relocated. Decodes only blocks that
+/// have data in that region.
+fn check_fits(
+    chain: &[Image],
+    table: &crate::ptable::PartitionTable,
+    image_size: u64,
+    target_size: u64,
+    tpath: &Path,
+) -> Result<()> {
+    use crate::ptable::TableKind;
+    let ss = u64::from(table.sector_size);
+    let (limit, allowed_from) = match table.kind {
+        TableKind::Gpt => {
+            let last_usable = (target_size / ss)
+                .checked_sub(2 + table.array_sectors())
+                .ok_or_else(|| anyhow!("target {} is too small for a GPT", tpath.display()))?;
+            let old_backup = table
+                .last_usable_lba
+                .map(|l| (l + 1) * ss)
+                .unwrap_or(image_size);
+            ((last_usable + 1) * ss, old_backup.min(image_size))
+        }
+        TableKind::Mbr => (target_size / ss * ss, image_size),
+    };
+    let sizes = format!(
+        "target {} is {}, the image {}",
+        tpath.display(),
+        human_bytes(target_size),
+        human_bytes(image_size)
+    );
+    if let Some(p) = table.partitions.iter().find(|p| p.end() > limit) {
+        bail!(
+            "{sizes}; partition {} ends at byte {}, but on this target partitions must end by byte {limit}: it does not fit. cairn does not shrink filesystems: shrink the filesystem and partition on the source (e.g. resize2fs, then gdisk or parted), take a new image, and restore that",
+            p.number,
+            p.end()
+        );
+    }
+    if limit >= allowed_from {
+        return Ok(());
+    }
+    let region = Range {
+        start: limit,
+        end: allowed_from,
+    };
+    let mut dec = BlockDecoder::new(chain)?;
+    for pieces in Planner::new(chain) {
+        if pieces[0].offset >= region.end {
+            break;
+        }
+        let inside = region.clip(&pieces);
+        if !inside.iter().any(|p| p.source != Source::Zero) {
+            continue;
+        }
+        let data = dec.decode(&pieces)?;
+        let base = pieces[0].offset;
+        for p in inside.iter().filter(|p| p.source != Source::Zero) {
+            let rel = (p.offset - base) as usize;
+            let bytes = &data[rel..rel + p.len as usize];
+            if let Some(i) = bytes.iter().position(|&b| b != 0) {
+                let at = p.offset + i as u64;
+                if table.inside_partition(at, at + 1) {
+                    continue;
+                }
+                bail!(
+                    "{sizes}; the image holds data outside its partitions at byte {at}, beyond byte {limit} where this target's room ends (partitions end by byte {}): refusing to cut it off. Restore onto a drive of at least {} bytes",
+                    table.partitions_end(),
+                    image_size
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Reads the target back with O_DIRECT (buffered where the filesystem refuses it) and compares
+/// every restored byte with the image: zero regions must be zero, stored extents must hash to the
+/// index's BLAKE3 (or, when only part of an extent is used, equal its decoded bytes).
+fn verify_target(chain: &[Image], range: Range, path: &Path, progress: &Progress) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let direct = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path);
+    let buffered =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let direct = match direct {
+        Ok(f) => Some(f),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::warn!(
+                "{}: O_DIRECT refused; verifying through the page cache",
+                path.display()
+            );
+            None
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("cannot open {}", path.display())))
+        }
+    };
+    let bs = chain[0].manifest.block_size as usize;
+    let id = chain.last().expect("non-empty chain").id().to_string();
+    let mut buf = AlignedBuf::new(bs, 0);
+    let mut dec = BlockDecoder::new(chain)?;
+    progress.start(
+        range.end - range.start,
+        &format!("verify {}", path.display()),
+    );
+    let align = device::buf::ALIGN as u64;
+    for pieces in Planner::new(chain) {
+        if pieces[0].offset >= range.end {
+            break;
+        }
+        let pieces = range.clip(&pieces);
+        if pieces.is_empty() {
+            continue;
+        }
+        let off = pieces[0].offset;
+        let len: u64 = pieces.iter().map(|p| p.len).sum();
+        let toff = off - range.start;
+        let dst = &mut buf.as_mut_slice()[..len as usize];
+        let f = match &direct {
+            Some(f) if toff % align == 0 && len % align == 0 => f,
+            _ => &buffered,
+        };
+        f.read_exact_at(dst, toff).with_context(|| {
+            format!("reading {len} bytes at offset {toff} of {}", path.display())
+        })?;
+        for p in &pieces {
+            let rel = (p.offset - off) as usize;
+            let got = &dst[rel..rel + p.len as usize];
+            let same = match p.source {
+                Source::Zero => crate::format::is_zero(got),
+                Source::Entry(ci, ei) => {
+                    let e = &chain[ci].index.entries[ei];
+                    if e.offset == p.offset && u64::from(e.length) == p.len {
+                        blake3::hash(got).as_bytes() == &e.hash
+                    } else {
+                        let want = dec.entry(ci, ei)?;
+                        let from = (p.offset - e.offset) as usize;
+                        want[from..from + p.len as usize] == *got
+                    }
+                }
+            };
+            if !same {
+                bail!(
+                    "{} differs from image {id} in the {} bytes at target offset {} (image offset {})",
+                    path.display(),
+                    p.len,
+                    p.offset - range.start,
+                    p.offset
+                );
+            }
+        }
+        progress.advance(len);
+    }
+    progress.finish();
+    Ok(())
+}
+
+/// Asks the kernel to re-read a whole disk's partition table (BLKRRPART) so the restored partitions
+/// appear; a busy disk keeps its old view, which a reboot or `partprobe` fixes.
+fn reread_partitions(path: &Path) {
+    nix::ioctl_none_bad!(blkrrpart, 0x125f);
+    let Ok(f) = std::fs::File::open(path) else {
+        return;
+    };
+    // SAFETY: BLKRRPART takes no argument; fd is an open block device.
+    if let Err(e) = unsafe { blkrrpart(std::os::fd::AsRawFd::as_raw_fd(&f)) } {
+        if e != nix::errno::Errno::EINVAL {
+            tracing::warn!(
+                "{}: the kernel did not re-read the partition table ({e}); run `partprobe {}`",
+                path.display(),
+                path.display()
+            );
+        }
+    }
 }

@@ -516,6 +516,34 @@ pub fn require_root_for(path: &Path) -> Result<()> {
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------
+// Listing block devices (`cairn disks`): read-only helpers over sysfs, udev and the mount table.
+// ---------------------------------------------------------------------------------------------
+
+/// The sysfs directory of a block device (/sys/devices/.../block/sda[/sda1]).
+pub fn sysfs_dir_of(devno: (u32, u32)) -> Option<PathBuf> {
+    sysfs_dir(devno)
+}
+
+/// The udev database's properties of a device (empty where udev does not run).
+pub fn udev_properties(devno: (u32, u32)) -> Vec<(String, String)> {
+    udev_props(devno)
+}
+
+/// Mount points of the filesystem on `devno`.
+pub fn mount_points(devno: (u32, u32)) -> Vec<String> {
+    mounted_devnos()
+        .into_iter()
+        .filter(|(d, _)| *d == devno)
+        .map(|(_, p)| unescape_mount_path(&p))
+        .collect()
+}
+
+/// True when `devno` is an active swap device.
+pub fn is_swap(devno: (u32, u32)) -> bool {
+    swap_devnos().contains(&devno)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,6 +75,12 @@ pub struct SegmentRef {
     pub blake3: String,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackingRef {
+    pub lineage: String,
+    pub seq: u64,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
     pub bytes_read: u64,
@@ -106,6 +112,13 @@ pub struct Manifest {
     pub index: IndexRef,
     pub segments: Vec<SegmentRef>,
     pub stats: Stats,
+    /// The change tracker's cut this image corresponds to, when a tracker was running: the next
+    /// incremental or differential hands it back to prove continuity since this image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking: Option<TrackingRef>,
+    /// The source disk's partition table, read at backup start (whole disks and disk-image files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_table: Option<crate::ptable::PartitionTable>,
 }
 
 impl Manifest {
@@ -275,6 +288,8 @@ pub(crate) mod tests {
                 blake3: "11".repeat(32),
             }],
             stats: Stats::default(),
+            tracking: None,
+            partition_table: None,
         }
     }
 

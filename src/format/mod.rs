@@ -16,9 +16,10 @@ pub const FORMAT_VERSION: u32 = 1;
 
 /// Default bytes per block: the unit read, hashed and compressed as one frame.
 pub const DEFAULT_BLOCK_SIZE: u32 = 1 << 20;
-/// Bytes per granule: the change-tracking unit.
-pub const GRANULE: u32 = 64 << 10;
-pub const MIN_BLOCK_SIZE: u32 = GRANULE;
+/// Bytes per granule: the change-tracking unit. 4 KiB, the page and filesystem block size, so an
+/// incremental image stores what changed rather than the 64 KiB around it.
+pub const GRANULE: u32 = 4 << 10;
+pub const MIN_BLOCK_SIZE: u32 = 64 << 10;
 pub const MAX_BLOCK_SIZE: u32 = 16 << 20;
 
 /// A 32-byte BLAKE3 digest of a block's plaintext.

@@ -26,7 +26,15 @@ use std::time::{Duration, Instant};
 pub const STATE_FILE: &str = "tracker-state.json";
 pub const SOCKET: &str = "tracker.sock";
 const LOCK_FILE: &str = "tracker.lock";
-const INSTANCE: &str = "cairn";
+/// One kernel instance per state directory, so independent trackers (tests, several
+/// configurations) never share or remove each other's instance.
+fn instance_name(state_dir: &Path) -> String {
+    let canon = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    format!(
+        "cairn-{}",
+        &blake3::hash(canon.as_os_str().as_encoded_bytes()).to_hex()[..12]
+    )
+}
 const STATE_VERSION: u32 = 1;
 
 pub struct DaemonOptions {
@@ -46,6 +54,8 @@ struct SavedState {
     pid: u32,
     instance_filter: String,
     buffer_kb: u64,
+    #[serde(default)]
+    buffer_readback: String,
     losses_baseline: u64,
     devices: Vec<SavedDevice>,
 }
@@ -158,22 +168,7 @@ struct State {
 }
 
 fn random_id() -> String {
-    let mut b = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
-    }
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let h = blake3::hash(
-        &[
-            &b[..],
-            &t.as_nanos().to_le_bytes(),
-            &std::process::id().to_le_bytes(),
-        ]
-        .concat(),
-    );
-    h.to_hex()[..32].to_string()
+    crate::repo::random_hex(16)
 }
 
 pub fn boot_id() -> String {
@@ -288,6 +283,7 @@ impl State {
             pid: std::process::id(),
             instance_filter: self.instance.filter.clone(),
             buffer_kb: self.instance.buffer_kb,
+            buffer_readback: self.instance.buffer_readback.clone(),
             losses_baseline: self.losses_baseline,
             devices: self
                 .devices
@@ -375,7 +371,7 @@ impl State {
                 start,
                 len,
                 granule,
-                "first image taken with the tracker running",
+                "no image of this source was taken yet while the tracker ran",
             )
         });
         if (c.start, c.len, c.granule) != (start, len, granule) {
@@ -619,10 +615,13 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
     });
     let (instance, reused) = Instance::open(
         &root,
-        INSTANCE,
+        &instance_name(&opts.state_dir),
         &kdevs,
         opts.buffer_kb,
-        resumable == Some(true),
+        saved
+            .as_ref()
+            .filter(|_| resumable == Some(true))
+            .map(|s| s.buffer_readback.as_str()),
     )?;
     let gap: Option<String> = match (&saved, resumable, reused) {
         (None, _, _) => None,
@@ -862,4 +861,38 @@ pub fn saved_status(path: &Path) -> Result<Vec<DeviceStatus>> {
                 .collect(),
         })
         .collect())
+}
+
+/// `cairn tracker reset`: forget everything for this state directory — the saved state and the
+/// kernel instance that keeps buffering after a clean stop. Refused while a tracker runs.
+pub fn reset(state_dir: &Path) -> Result<bool> {
+    let lock_path = state_dir.join(LOCK_FILE);
+    if lock_path.exists() {
+        let lock = std::fs::OpenOptions::new().write(true).open(&lock_path)?;
+        // SAFETY: flock on an open descriptor; no memory involved.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            bail!(
+                "a tracker is running with state directory {}; stop it first",
+                state_dir.display()
+            );
+        }
+    }
+    let mut removed = false;
+    let instance = Path::new(tracefs::TRACEFS)
+        .join("instances")
+        .join(instance_name(state_dir));
+    if instance.exists() {
+        tracefs::remove_instance(&instance)?;
+        removed = true;
+    }
+    for f in [STATE_FILE, SOCKET] {
+        match std::fs::remove_file(state_dir.join(f)) {
+            Ok(()) => removed = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(anyhow!(e).context(format!("removing {}", state_dir.join(f).display())))
+            }
+        }
+    }
+    Ok(removed)
 }

@@ -139,7 +139,10 @@ pub fn status(state_dir: &Path) -> Result<(bool, Vec<DeviceStatus>)> {
         Err(e) => {
             let p = state_dir.join(daemon::STATE_FILE);
             if !p.exists() {
-                return Err(e.context("and no saved tracker state exists"));
+                bail!(
+                    "{e:#}, and there is no saved tracker state in {}",
+                    state_dir.display()
+                );
             }
             Ok((false, daemon::saved_status(&p)?))
         }

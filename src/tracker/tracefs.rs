@@ -305,7 +305,7 @@ fn decode_record(
 /// Loss counters of one CPU's buffer (cumulative since the instance was created).
 pub fn read_loss(instance: &Path, cpu: usize) -> Result<u64> {
     let p = instance.join(format!("per_cpu/cpu{cpu}/stats"));
-    let s = fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let s = read_text(&p)?;
     let mut total = 0u64;
     for line in s.lines() {
         if let Some((k, v)) = line.split_once(':') {
@@ -322,6 +322,9 @@ pub struct Instance {
     pub path: PathBuf,
     pub filter: String,
     pub buffer_kb: u64,
+    /// What buffer_size_kb reads back (the kernel rounds the size up): the reference for
+    /// noticing that someone changed it.
+    pub buffer_readback: String,
     pub page: PageLayout,
     pub layouts: Vec<BlockLayout>,
     readers: Vec<File>,
@@ -346,13 +349,13 @@ impl Instance {
         name: &str,
         devs: &[u32],
         buffer_kb: u64,
-        reuse: bool,
+        reuse: Option<&str>,
     ) -> Result<(Instance, bool)> {
         let path = root.join("instances").join(name);
         let filter = filter_for(devs);
         let mut reused = false;
         if path.exists() {
-            if reuse && Self::configured_as(&path, &filter, buffer_kb).is_ok() {
+            if reuse.is_some_and(|rb| Self::configured_as(&path, &filter, rb).is_ok()) {
                 reused = true;
             } else {
                 Self::remove_path(&path)?;
@@ -373,13 +376,10 @@ impl Instance {
             }
             write(&path.join("tracing_on"), "1")?;
         }
-        let page = PageLayout::parse(
-            &fs::read_to_string(root.join("events/header_page")).context("reading header_page")?,
-        )?;
+        let page = PageLayout::parse(&read_text(&root.join("events/header_page"))?)?;
         let mut layouts = Vec::new();
         for ev in EVENTS {
-            let f = fs::read_to_string(path.join("events/block").join(ev).join("format"))
-                .with_context(|| format!("reading the {ev} format"))?;
+            let f = read_text(&path.join("events/block").join(ev).join("format"))?;
             layouts.push(BlockLayout::from_format(&EventFormat::parse(&f)?)?);
         }
         let page_size = usize::try_from(
@@ -395,11 +395,13 @@ impl Instance {
                 .with_context(|| format!("opening {}", p.display()))?;
             readers.push(f);
         }
+        let buffer_readback = read_text(&path.join("buffer_size_kb"))?.trim().to_string();
         Ok((
             Instance {
                 path,
                 filter,
                 buffer_kb,
+                buffer_readback,
                 page,
                 layouts,
                 readers,
@@ -411,21 +413,15 @@ impl Instance {
 
     /// Why the instance no longer looks as configured, if it does not.
     pub fn check_configured(&self) -> Result<()> {
-        Self::configured_as(&self.path, &self.filter, self.buffer_kb)
+        Self::configured_as(&self.path, &self.filter, &self.buffer_readback)
     }
 
-    fn configured_as(path: &Path, filter: &str, buffer_kb: u64) -> Result<()> {
-        let rd = |p: PathBuf| {
-            fs::read_to_string(&p)
-                .map(|s| s.trim().to_string())
-                .with_context(|| format!("{}", p.display()))
-        };
+    fn configured_as(path: &Path, filter: &str, buffer_readback: &str) -> Result<()> {
+        let rd = |p: PathBuf| read_text(&p).map(|s| s.trim().to_string());
         if rd(path.join("tracing_on"))? != "1" {
             bail!("tracing was switched off in the instance");
         }
-        if rd(path.join("buffer_size_kb"))?.split_whitespace().next()
-            != Some(&buffer_kb.to_string())
-        {
+        if rd(path.join("buffer_size_kb"))? != buffer_readback {
             bail!("the instance's buffer size was changed");
         }
         for ev in EVENTS {
@@ -490,6 +486,11 @@ impl Instance {
     }
 }
 
+/// Stops and removes an instance by path.
+pub fn remove_instance(path: &Path) -> Result<()> {
+    Instance::remove_path(path)
+}
+
 fn cpu_count(instance: &Path) -> Result<usize> {
     let n = fs::read_dir(instance.join("per_cpu"))
         .context("reading per_cpu")?
@@ -500,6 +501,28 @@ fn cpu_count(instance: &Path) -> Result<usize> {
         bail!("tracefs instance has no per-CPU buffers");
     }
     Ok(n)
+}
+
+/// Reads a tracefs control file. Some of them (header_page) do not support reading in pieces:
+/// a small first read followed by a second returns a truncated text, and std's read_to_string
+/// starts with a 32-byte probe when the size is unknown. One large read gets it whole.
+pub fn read_text(p: &Path) -> Result<String> {
+    let mut f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
+    let mut buf = vec![0u8; 256 << 10];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(buf.len() * 2, 0);
+        }
+        match f.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(anyhow!(e).context(format!("reading {}", p.display()))),
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).with_context(|| format!("{} is not text", p.display()))
 }
 
 fn write(p: &Path, v: &str) -> Result<()> {
