@@ -33,6 +33,10 @@ pub struct Cli {
     /// Print one JSON document on stdout instead of the human summary.
     #[arg(long, global = true)]
     json: bool,
+    /// The change tracker's state directory (socket and saved state) [env: CAIRN_STATE_DIR;
+    /// default: /var/lib/cairn].
+    #[arg(long, global = true, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,6 +45,9 @@ pub struct Cli {
 enum Command {
     /// Image a block device (whole disk or partition) or a disk-image file into REPO.
     Backup(BackupArgs),
+    /// The change tracker: `run` follows writes to whole disks, `status` reports on it.
+    #[command(subcommand)]
+    Tracker(TrackerCommand),
     /// Write an image back onto a block device or file.
     Restore(RestoreArgs),
     /// Read every stored block and check it; exit 0 only when everything checked is intact.
@@ -70,10 +77,11 @@ struct BackupArgs {
     /// Take a full image (the default for a name's first image).
     #[arg(long, group = "kind")]
     full: bool,
-    /// Only blocks changed since the previous image (not supported yet).
+    /// Only what changed since the previous image of any kind (the default once a full exists).
+    /// Restoring it needs the full and every image between.
     #[arg(long, group = "kind")]
     incremental: bool,
-    /// Only blocks changed since the last full image (not supported yet).
+    /// Only what changed since the last full image. Restoring it needs only that full.
     #[arg(long, group = "kind")]
     differential: bool,
     /// Series name for this source's images [default: from the disk's WWN/serial, the partition's
@@ -129,6 +137,32 @@ struct SelectArgs {
     repo: PathBuf,
     #[command(flatten)]
     select: Selection,
+}
+
+#[derive(Subcommand)]
+enum TrackerCommand {
+    /// Follow writes to these whole disks until SIGTERM (run it at boot: tools/cairn-tracker.service).
+    /// Partitions are followed through their disk. Needs root and tracefs.
+    Run {
+        /// Whole disks, e.g. /dev/sda /dev/nvme0n1.
+        #[arg(required = true)]
+        devices: Vec<PathBuf>,
+        /// Kernel ring buffer per CPU, in KiB. Larger survives longer write bursts; when it
+        /// overflows, the next backup compare-scans.
+        #[arg(long, default_value_t = 8192)]
+        buffer_kb: u64,
+        /// How often the buffers are read, in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+    },
+    /// Forget all tracking for the state directory: saved state and the kernel instance (which
+    /// keeps buffering after a clean stop). The next backups compare-scan.
+    Reset,
+    /// Per device: tracking since when, continuity, changed bytes since the last full and image.
+    Status {
+        /// Only this device.
+        device: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -199,6 +233,7 @@ pub fn main() -> Result<()> {
                 level: a.level,
                 segment_size: a.segment_size,
                 block_size: bs as u32,
+                state_dir: crate::tracker::state_dir(cli.state_dir.as_deref()),
             };
             let r = backup::run(&opts, &progress)?;
             if cli.json {
@@ -207,8 +242,13 @@ pub fn main() -> Result<()> {
                 if let Some(n) = &r.note {
                     eprintln!("note: {n}");
                 }
+                let how = match (&r.parent, &r.method_reason) {
+                    (None, _) => String::new(),
+                    (Some(p), None) => format!(" after {p}, {}", r.method),
+                    (Some(p), Some(why)) => format!(" after {p}, {} because {why}", r.method),
+                };
                 eprintln!(
-                    "{} image {} of {} ({}): {} read, {} data, {} stored, {} of {} blocks zero, {:.1} s ({:.0} MB/s)",
+                    "{} image {}{how} of {} ({}): {} read, {} data, {} stored, {} of {} blocks zero, {:.1} s ({:.0} MB/s)",
                     r.kind,
                     r.id,
                     r.source,
@@ -309,6 +349,7 @@ pub fn main() -> Result<()> {
                 );
             }
         }
+        Command::Tracker(t) => tracker_command(t, cli.state_dir.as_deref(), cli.json)?,
         Command::Show(a) => {
             let repo = Repository::open(&a.repo)?;
             let id =
@@ -366,6 +407,96 @@ pub fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn tracker_command(
+    t: TrackerCommand,
+    state_dir: Option<&std::path::Path>,
+    json: bool,
+) -> Result<()> {
+    let dir = crate::tracker::state_dir(state_dir);
+    match t {
+        TrackerCommand::Run {
+            devices,
+            buffer_kb,
+            interval_ms,
+        } => {
+            let opts = crate::tracker::daemon::DaemonOptions {
+                devices,
+                state_dir: dir,
+                buffer_kb,
+                interval: std::time::Duration::from_millis(interval_ms.max(1)),
+            };
+            crate::tracker::daemon::run(&opts)
+        }
+        TrackerCommand::Reset => {
+            let removed = crate::tracker::daemon::reset(&dir)?;
+            eprintln!(
+                "{}",
+                if removed {
+                    "tracking state removed"
+                } else {
+                    "nothing to remove"
+                }
+            );
+            Ok(())
+        }
+        TrackerCommand::Status { device } => {
+            let (running, mut devices) = crate::tracker::status(&dir)?;
+            if let Some(d) = device {
+                let want = std::fs::canonicalize(&d).unwrap_or(d.clone());
+                devices.retain(|s| {
+                    std::fs::canonicalize(&s.device).unwrap_or_else(|_| s.device.clone().into())
+                        == want
+                });
+                if devices.is_empty() {
+                    bail!("{} is not tracked", d.display());
+                }
+            }
+            if json {
+                print_json(&serde_json::json!({ "running": running, "devices": devices }));
+                return Ok(());
+            }
+            println!(
+                "tracker: {}",
+                if running {
+                    "running"
+                } else {
+                    "NOT running (saved state shown)"
+                }
+            );
+            for d in devices {
+                println!(
+                    "{} ({}:{}, {}), tracking since {}",
+                    d.device,
+                    d.disk.0,
+                    d.disk.1,
+                    short_bytes(d.size),
+                    d.tracking_since
+                );
+                if d.continuity != "intact" {
+                    println!("  {}", d.continuity);
+                }
+                if d.consumers.is_empty() {
+                    println!("  no backups taken with the tracker yet");
+                }
+                for c in d.consumers {
+                    println!("  {} (bytes {}..{})", c.consumer, c.start, c.start + c.len);
+                    println!(
+                        "    since last image: {} changed, continuity {}",
+                        short_bytes(c.changed_bytes_since_image),
+                        c.continuity_since_image
+                    );
+                    println!(
+                        "    since last full:  {} changed, continuity {}",
+                        short_bytes(c.changed_bytes_since_full),
+                        c.continuity_since_full
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 /// "1.5G"-style sizes for table columns.

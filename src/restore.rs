@@ -213,6 +213,9 @@ pub fn run(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> 
         }
     }
     let target = prepare_target(tpath, &opts.repo, tinfo.as_ref(), opts.yes)?;
+    // Every stored block this restore uses is read and checked before the first write.
+    chain::precheck(&chain, progress)
+        .with_context(|| format!("image {id} cannot be restored; nothing was written"))?;
 
     let buffers = device::buf::pool(POOL_BUFFERS, m.block_size as usize);
     let mut handle = device::open(tpath, Access::Write, target.is_block, QUEUE_DEPTH, &buffers)?;
