@@ -1020,3 +1020,4 @@ pub fn read_fs(kind: FsKind, dev: &str, work: &Path) -> BTreeMap<String, String>
         }
     }
 }
+pub mod gpt;
