@@ -631,3 +631,148 @@ fn backup_of_mounted_read_write_filesystem_warns() {
     assert_eq!(out.json()["source_size"].as_u64(), Some(64 * MIB));
     m.unmount();
 }
+
+// ---------------------------------------------------------------------------------------------
+// MBR disks and image chains
+// ---------------------------------------------------------------------------------------------
+
+/// `sfdisk DEV < script`.
+fn sfdisk(dev: &str, script: &str) {
+    let t = require_tool("sfdisk", "fdisk");
+    let mut child = std::process::Command::new(&t)
+        .arg(dev)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "sfdisk {dev} failed");
+}
+
+/// (start, sectors) of MBR partition `n` from `sfdisk --json`.
+fn mbr_part(dev: &str, n: usize) -> (u64, u64) {
+    let t = require_tool("sfdisk", "fdisk");
+    let o = run_tool(&t, &["--json", dev]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let p = &v["partitiontable"]["partitions"][n - 1];
+    (p["start"].as_u64().unwrap(), p["size"].as_u64().unwrap())
+}
+
+#[test]
+fn mbr_disk_onto_larger_drive_with_grow_and_onto_smaller_drive() {
+    require_root();
+    let t = tempdir();
+    let repo = t.path().join("repo");
+    let img = t.path().join("mbr.img");
+    write_sparse_file(&img, 128 * MIB);
+    sfdisk(
+        s(&img),
+        "label: dos\nlabel-id: 0xcafe0001\nstart=2048, size=61440, type=83\nstart=65536, size=81920, type=83\n",
+    );
+    let src = LoopDev::attach(&img);
+    let q2 = src.partition(2);
+    mkfs(FsKind::Ext4, &q2);
+    let files = fill_fs(FsKind::Ext4, &q2, &t.path().join("fill"), 2200);
+    backup(&src.dev, &repo, "mbr", &[]);
+    flush_bufs(&src.dev);
+    let (start, sectors) = mbr_part(&src.dev, 2);
+    let want = hash_range(src.path(), start * SECTOR, sectors * SECTOR);
+
+    // Larger, growing partition 2 to the end.
+    let big = LoopDev::new_random(&t.path().join("big.img"), 192 * MIB, 2201);
+    let out = cairn(&[
+        "restore",
+        s(&repo),
+        &big.dev,
+        "--yes",
+        "--verify",
+        "--grow-last-partition",
+    ]);
+    out.ok();
+    out.assert_mentions("resize2fs");
+    let (bstart, bsectors) = mbr_part(&big.dev, 2);
+    assert_eq!(bstart, start);
+    assert_eq!(
+        bsectors,
+        192 * MIB / SECTOR - start,
+        "partition 2 not grown to the end"
+    );
+    assert_eq!(mbr_part(&big.dev, 1), mbr_part(&src.dev, 1));
+    flush_bufs(&big.dev);
+    assert_eq!(
+        hash_range(big.path(), start * SECTOR, sectors * SECTOR),
+        want
+    );
+    let b2 = big.partition(2);
+    assert_eq!(size_of(Path::new(&b2)), bsectors * SECTOR);
+    run_tool(&require_tool("resize2fs", "e2fsprogs"), &[b2.as_str()]);
+    e2fsck_clean(&b2);
+    assert_eq!(read_fs(FsKind::Ext4, &b2, &t.path().join("rb")), files);
+
+    // Smaller: the partitions end at 72 MiB, so a 100 MiB drive holds them.
+    let small = LoopDev::new_random(&t.path().join("small.img"), 100 * MIB, 2202);
+    restore(&repo, &small.dev, &["--yes", "--verify"]);
+    assert_eq!(mbr_part(&small.dev, 2), (start, sectors));
+    flush_bufs(&small.dev);
+    assert_eq!(
+        hash_range(small.path(), start * SECTOR, sectors * SECTOR),
+        want
+    );
+    e2fsck_clean(&small.partition(2));
+
+    // Smaller than the end of partition 2 (72 MiB): refused, nothing written.
+    let tiny = LoopDev::new_random(&t.path().join("tiny.img"), 64 * MIB, 2203);
+    let before = hash_device(&tiny.dev);
+    let out = cairn(&["restore", s(&repo), &tiny.dev, "--yes"]);
+    out.error();
+    assert!(
+        mentions_number(&out.error_line(), 64 * MIB)
+            && mentions_number(&out.error_line(), 128 * MIB),
+        "{}",
+        out.describe()
+    );
+    assert_eq!(hash_device(&tiny.dev), before, "the target was written");
+}
+
+/// A full and an incremental image of a GPT disk: the incremental restore point goes onto a
+/// larger drive, is verified (partly overridden extents included) and its GPT relocated.
+#[test]
+fn incremental_chain_onto_larger_drive() {
+    let t = tempdir();
+    let repo = t.path().join("repo");
+    let src = source_disk(t.path(), 2300);
+    backup(&src.disk.dev, &repo, "disk", &["--full"]);
+    // Change some bytes of partition 2 and of the gap, inside blocks that also keep old data.
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&src.disk.dev)
+            .unwrap();
+        write_random_at(&f, 150 * MIB + 8192, 12288, 2301);
+        write_random_at(&f, 91 * MIB + 4096, 4096, 2302);
+        f.sync_all().unwrap();
+    }
+    flush_bufs(&src.disk.dev);
+    let inc = backup(&src.disk.dev, &repo, "disk", &["--incremental"]);
+    assert_eq!(inc["kind"], "incremental", "{inc}");
+
+    let dst = LoopDev::new_random(&t.path().join("dst.img"), 300 * MIB, 2303);
+    let r = restore(&repo, &dst.dev, &["--yes", "--verify"]);
+    assert_eq!(r["chain"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(r["verified"], Value::Bool(true), "{r}");
+    assert_gpt_valid(&dst.dev);
+    assert_backup_header_at_end(&dst, SECTOR);
+    flush_bufs(&dst.dev);
+    let n = SRC_SIZE - 33 * SECTOR;
+    assert_eq!(
+        hash_range(dst.path(), 34 * SECTOR, n - 34 * SECTOR),
+        hash_range(src.disk.path(), 34 * SECTOR, n - 34 * SECTOR),
+        "the restored incremental point differs from the source between the GPT copies"
+    );
+}
