@@ -213,6 +213,16 @@ pub fn read<R: Read + Seek>(
     read_mbr(r, &lba0, size, sector_size)
 }
 
+/// Runs a parser on untrusted bytes, turning a panic inside it (the crates assert on some
+/// malformed tables, e.g. a used partition at LBA 0) into an error, without the panic message.
+fn no_panic<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    std::panic::set_hook(hook);
+    r.unwrap_or_else(|_| Err(anyhow!("malformed partition table (the parser gave up)")))
+}
+
 /// Checks the raw header at `lba` enough that gptman can be trusted with it.
 fn gpt_header_plausible<R: Read + Seek>(r: &mut R, lba: u64, ss: u64) -> Result<Option<()>> {
     let mut h = [0u8; 92];
@@ -247,7 +257,7 @@ fn read_gpt<R: Read + Seek>(r: &mut R, size: u64, ss: u64) -> Result<Option<Part
     if primary.is_none() && backup.is_none() {
         return Ok(None);
     }
-    let gpt = gptman::GPT::read_from(r, ss).map_err(|e| anyhow!("invalid GPT: {e}"))?;
+    let gpt = no_panic(|| gptman::GPT::read_from(r, ss).map_err(|e| anyhow!("invalid GPT: {e}")))?;
     if primary.is_none() {
         tracing::warn!("the primary GPT header is damaged; using the backup header");
     }
@@ -317,7 +327,9 @@ fn read_mbr<R: Read + Seek>(
     if !any {
         return Ok(None);
     }
-    let mbr = mbrman::MBR::read_from(r, sector_size).map_err(|e| anyhow!("invalid MBR: {e}"))?;
+    let mbr = no_panic(|| {
+        mbrman::MBR::read_from(r, sector_size).map_err(|e| anyhow!("invalid MBR: {e}"))
+    })?;
     let mut partitions = Vec::new();
     let entry = |number: u32, e: &mbrman::MBRPartitionEntry| {
         let type_id = format!("0x{:02x}", e.sys);
@@ -684,6 +696,35 @@ mod tests {
         assert_eq!((p.number, p.start, p.size), (1, 1 << 20, 2 << 20));
         assert!(p.bootable);
         assert_eq!(p.type_name.as_deref(), Some("Linux"));
+    }
+
+    /// A GPT with valid CRCs whose partition 1 starts at LBA 0 (gptman asserts on it).
+    #[test]
+    fn crafted_gpt_is_an_error_not_a_panic() {
+        let size = 4u64 << 20;
+        let mut cur = std::io::Cursor::new(vec![0u8; size as usize]);
+        let mut gpt = gptman::GPT::new_from(&mut cur, 512, [7; 16]).unwrap();
+        gpt[1] = gptman::GPTPartitionEntry {
+            partition_type_guid: [1; 16],
+            unique_partition_guid: [2; 16],
+            starting_lba: 2048,
+            ending_lba: 4095,
+            attribute_bits: 0,
+            partition_name: "p".into(),
+        };
+        gpt.write_into(&mut cur).unwrap();
+        let mut disk = cur.into_inner();
+        let n = size as usize / 512;
+        for (hdr, arr) in [(512usize, 1024usize), ((n - 1) * 512, (n - 33) * 512)] {
+            disk[arr + 32..arr + 40].copy_from_slice(&0u64.to_le_bytes());
+            let acrc = crc32fast::hash(&disk[arr..arr + 128 * 128]);
+            disk[hdr + 88..hdr + 92].copy_from_slice(&acrc.to_le_bytes());
+            disk[hdr + 16..hdr + 20].copy_from_slice(&[0; 4]);
+            let hcrc = crc32fast::hash(&disk[hdr..hdr + 92]);
+            disk[hdr + 16..hdr + 20].copy_from_slice(&hcrc.to_le_bytes());
+        }
+        let r = read(&mut std::io::Cursor::new(&disk), size, 512);
+        assert!(r.is_err(), "{r:?}");
     }
 
     #[test]
