@@ -321,7 +321,7 @@ pub fn run(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> 
                 format!("{base}{}", g.number)
             };
             hints.push(format!(
-                "partition {} grew from {} to {}; grow its filesystem to match: resize2fs {dev} (ext2/3/4), or mount it and run xfs_growfs MOUNTPOINT (xfs) or btrfs filesystem resize max MOUNTPOINT (btrfs)",
+                "partition {} grew from {} to {}; grow its filesystem to match: e2fsck -f {dev} && resize2fs {dev} (ext2/3/4), or mount it and run xfs_growfs MOUNTPOINT (xfs) or btrfs filesystem resize max MOUNTPOINT (btrfs)",
                 g.number,
                 human_bytes(g.old_size),
                 human_bytes(g.new_size)
