@@ -614,6 +614,29 @@ fn grow_mbr(f: &mut File, table: &PartitionTable, target_size: u64) -> Result<Ta
     })
 }
 
+/// Zeroes a GPT backup header left in the last sector of a target (512- or 4096-byte sectors)
+/// beyond the `image_size` bytes just restored. Returns whether there was one.
+pub fn clear_stale_gpt_backup(f: &File, image_size: u64, target_size: u64) -> Result<bool> {
+    use std::os::unix::fs::FileExt;
+    let mut found = false;
+    for ss in [512u64, 4096] {
+        let Some(at) = target_size.checked_sub(ss).filter(|&a| a >= image_size) else {
+            continue;
+        };
+        let mut sig = [0u8; 8];
+        f.read_exact_at(&mut sig, at)?;
+        if &sig == b"EFI PART" {
+            f.write_all_at(&vec![0u8; ss as usize], at)?;
+            tracing::info!("cleared an old GPT backup header at byte {at} of the target");
+            found = true;
+        }
+    }
+    if found {
+        f.sync_all()?;
+    }
+    Ok(found)
+}
+
 /// Reads both GPT headers back after a restore and checks they agree with each other and the disk
 /// size (the check `--verify` adds for the table cairn rewrote).
 pub fn check_gpt(f: &mut File, ss: u64, size: u64) -> Result<()> {

@@ -293,6 +293,15 @@ pub fn run(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> 
     };
 
     let mut hints = Vec::new();
+    // A GPT the target held before (its backup header in the last sector, beyond the image) would
+    // make tools see a damaged GPT next to the restored MBR or bare data.
+    let gpt_image = table
+        .as_ref()
+        .is_some_and(|t| t.kind == crate::ptable::TableKind::Gpt);
+    if whole && target.is_block && target_size > image_size && !gpt_image {
+        crate::ptable::clear_stale_gpt_backup(&tail_file, image_size, target_size)
+            .context("clearing the target's old GPT backup header")?;
+    }
     let mut table_change = None;
     if let (Some(t), true) = (&table, whole) {
         let mut f = tail_file;

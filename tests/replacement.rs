@@ -691,7 +691,11 @@ fn mbr_disk_onto_larger_drive_with_grow_and_onto_smaller_drive() {
     let want = hash_range(src.path(), start * SECTOR, sectors * SECTOR);
 
     // Larger, growing partition 2 to the end.
-    let big = LoopDev::new_random(&t.path().join("big.img"), 192 * MIB, 2201);
+    // The larger drive held a GPT before: its backup header must not survive next to the MBR.
+    let big_img = t.path().join("big.img");
+    write_random_file(&big_img, 192 * MIB, 2201);
+    sgdisk(&["-o", "-n", "1:2048:+100M", s(&big_img)]);
+    let big = LoopDev::attach(&big_img);
     let out = cairn(&[
         "restore",
         s(&repo),
@@ -710,6 +714,12 @@ fn mbr_disk_onto_larger_drive_with_grow_and_onto_smaller_drive() {
         "partition 2 not grown to the end"
     );
     assert_eq!(mbr_part(&big.dev, 1), mbr_part(&src.dev, 1));
+    flush_bufs(&big.dev);
+    assert_ne!(
+        hash_range(big.path(), 192 * MIB - SECTOR, 8),
+        blake3::hash(b"EFI PART").to_hex().to_string(),
+        "the old GPT backup header is still in the last sector"
+    );
     flush_bufs(&big.dev);
     assert_eq!(
         hash_range(big.path(), start * SECTOR, sectors * SECTOR),
