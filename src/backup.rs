@@ -40,6 +40,8 @@ pub struct BackupOptions {
     pub block_size: u32,
     /// Where the change tracker keeps its socket and state.
     pub state_dir: PathBuf,
+    /// Fail when more than this many bytes are unreadable (None: no limit).
+    pub max_bad: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -65,6 +67,9 @@ pub struct BackupReport {
     pub duration_ms: u64,
     pub read_throughput_mb_s: f64,
     pub io: String,
+    /// Unreadable source ranges (offset, length in bytes), stored as zeros.
+    pub bad_ranges: Vec<(u64, u64)>,
+    pub bad_bytes: u64,
 }
 
 /// Buffers in circulation: queue depth plus room for the workers and the writer's reorder window.
@@ -213,6 +218,8 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     let geometry = Geometry {
         size: info.size,
         block_size,
+        sector: info.logical_sector_size.max(512) as usize,
+        max_bad: opts.max_bad,
     };
     let mut stats = Stats::default();
     let mut found: Vec<(u64, u64)> = Vec::new();
@@ -292,6 +299,7 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     progress.finish();
 
     let segments = writer.finish_segments()?;
+    let (entries, bad_ranges) = entries;
     let index = Index { entries };
     let index_bytes = index.encode();
     stats.stored_bytes = segments.iter().map(|s| s.size).sum::<u64>() + index_bytes.len() as u64;
@@ -329,6 +337,7 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
         },
         segments,
         stats: stats.clone(),
+        bad_ranges: bad_ranges.clone(),
         tracking: cut.as_ref().map(|c| TrackingRef {
             lineage: c.token.lineage.clone(),
             seq: c.token.seq,
@@ -367,6 +376,8 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
         duration_ms: stats.duration_ms,
         read_throughput_mb_s: stats.bytes_read as f64 / secs / 1e6,
         io,
+        bad_bytes: bad_ranges.iter().map(|r| r.1).sum(),
+        bad_ranges,
     })
 }
 
@@ -508,6 +519,10 @@ fn extents_from_runs(
 struct Geometry {
     size: u64,
     block_size: u32,
+    /// Logical sector size: the smallest unit a failed read is narrowed down to.
+    sector: usize,
+    /// Give up when more than this many bytes are unreadable.
+    max_bad: Option<u64>,
 }
 
 /// What the reader reads.
@@ -574,6 +589,9 @@ struct Processed {
     buf: AlignedBuf,
 }
 
+/// Unreadable (offset, length) ranges of the source.
+type BadRanges = Vec<(u64, u64)>;
+
 /// Runs the pipeline, calling `sink` for each read unit in order on the caller's thread. Returns
 /// the index entries the sink produced.
 fn pipeline(
@@ -584,7 +602,7 @@ fn pipeline(
     work: &Work,
     base: &[Image],
     mut sink: impl FnMut(Unit<'_>) -> Result<Vec<Entry>>,
-) -> Result<Vec<Entry>> {
+) -> Result<(Vec<Entry>, BadRanges)> {
     let total_units = match work {
         Work::All | Work::Compare => geo.size.div_ceil(u64::from(geo.block_size)),
         Work::Extents(e) => e.len() as u64,
@@ -623,8 +641,8 @@ fn pipeline(
                 .map_err(|_| anyhow!("block-stage thread panicked"))??;
         }
         // A reader error explains a short writer run; report it first.
-        read_result?;
-        written
+        let bad = read_result?;
+        Ok((written?, bad))
     })
 }
 
@@ -635,8 +653,10 @@ fn read_all(
     base: &[Image],
     free_rx: Receiver<AlignedBuf>,
     work_tx: Sender<ReadUnit>,
-) -> Result<()> {
+) -> Result<Vec<(u64, u64)>> {
     let bs = u64::from(geo.block_size);
+    let mut bad: Vec<(u64, u64)> = Vec::new();
+    let faults = device::fault::Faults::from_env();
     let blocks = geo.size.div_ceil(bs);
     let mut planner = match work {
         Work::Compare if !base.is_empty() => Some(Planner::new(base)),
@@ -661,7 +681,7 @@ fn read_all(
             let buf = if q.in_flight() == 0 {
                 match free_rx.recv() {
                     Ok(b) => b,
-                    Err(_) => return Ok(()), // writer stopped; its error is reported
+                    Err(_) => return Ok(bad), // writer stopped; its error is reported
                 }
             } else {
                 match free_rx.try_recv() {
@@ -695,12 +715,36 @@ fn read_all(
             next += 1;
         }
         if q.in_flight() == 0 {
-            return Ok(());
+            return Ok(bad);
         }
-        let c = q.wait().context("waiting for a read")?;
+        let mut c = q.wait().context("waiting for a read")?;
         let (_, want) = unit(c.tag);
-        c.result
-            .with_context(|| format!("read error at offset {} of the source", c.offset))?;
+        if let Err(e) = &c.result {
+            // A failing disk: do not give up on the image. Narrow the failure down to the
+            // unreadable sectors, keep them as zeros and record where they are.
+            tracing::warn!(
+                "read error at offset {} ({e}); narrowing it down to the unreadable sectors",
+                c.offset
+            );
+            let found = device::fault::read_around_errors(
+                &handle.file,
+                c.offset,
+                &mut c.buf.as_mut_slice()[..want as usize],
+                geo.sector,
+                faults.as_ref(),
+            );
+            for (o, l) in found {
+                tracing::warn!("unreadable: {l} bytes at offset {o}, stored as zeros");
+                match bad.last_mut() {
+                    Some((bo, bl)) if *bo + *bl == o => *bl += l,
+                    _ => bad.push((o, l)),
+                }
+            }
+            let total: u64 = bad.iter().map(|r| r.1).sum();
+            if let Some(max) = geo.max_bad.filter(|&m| total > m) {
+                bail!("{total} bytes of the source are unreadable, more than --max-bad {max}; giving up");
+            }
+        }
         let unit = ReadUnit {
             seq: c.tag,
             offset: c.offset,
@@ -709,7 +753,7 @@ fn read_all(
             expected: expected.remove(&c.tag),
         };
         if work_tx.send(unit).is_err() {
-            return Ok(());
+            return Ok(bad);
         }
     }
 }

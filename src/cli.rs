@@ -21,7 +21,8 @@ Examples:\n  cairn backup /dev/sda /mnt/usb/backups          image a whole disk\
 cairn list /mnt/usb/backups                     show the images\n  \
 cairn verify /mnt/usb/backups                   check every stored block\n  \
 cairn restore /mnt/usb/backups /dev/sdb         write the newest image onto /dev/sdb",
-    after_help = "Exit status: 0 success, 1 error (one line on stderr says what and what to do), 2 usage error."
+    after_help = "Exit status: 0 success, 1 error (one line on stderr says what and what to do), 2 usage error, \
+3 backup complete but some source sectors were unreadable (stored as zeros; see `cairn badmap`)."
 )]
 pub struct Cli {
     /// More log output (-v info, -vv debug).
@@ -54,6 +55,8 @@ enum Command {
     Verify(SelectArgs),
     /// One row per image in REPO.
     List(ListArgs),
+    /// An image's unreadable ranges, in ddrescue's mapfile format.
+    Badmap(SelectArgs),
     /// Everything one image's manifest records: source, sizes, partition table.
     Show(ShowArgs),
     /// The block devices of this machine, as you check them before overwriting one.
@@ -94,6 +97,10 @@ struct BackupArgs {
     /// Split image data into files of at most this size (2G fits FAT32 media).
     #[arg(long, default_value = "2G", value_parser = parse_size)]
     segment_size: u64,
+    /// Give up when more than this much of the source is unreadable (e.g. 10M) [default: no
+    /// limit: a failing disk is imaged as far as it can be read].
+    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
+    max_bad: Option<u64>,
     /// Block size: the unit read, hashed and compressed (power of two, 64K..16M).
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     block_size: u64,
@@ -234,6 +241,7 @@ pub fn main() -> Result<()> {
                 segment_size: a.segment_size,
                 block_size: bs as u32,
                 state_dir: crate::tracker::state_dir(cli.state_dir.as_deref()),
+                max_bad: a.max_bad,
             };
             let r = backup::run(&opts, &progress)?;
             if cli.json {
@@ -261,6 +269,16 @@ pub fn main() -> Result<()> {
                     r.duration_ms as f64 / 1000.0,
                     r.read_throughput_mb_s
                 );
+            }
+            if r.bad_bytes > 0 {
+                return Err(anyhow::Error::new(PartialImage(format!(
+                    "image {} is complete but {} bytes in {} ranges were unreadable and are zeros in it; `cairn badmap {} --image {}` lists them",
+                    r.id,
+                    r.bad_bytes,
+                    r.bad_ranges.len(),
+                    opts.repo.display(),
+                    r.id
+                ))));
             }
         }
         Command::Restore(a) => {
@@ -317,7 +335,10 @@ pub fn main() -> Result<()> {
                 for i in &r.images {
                     let what = match (i.status, i.restorable) {
                         ("ok", true) => "ok".to_string(),
-                        ("ok", false) => {
+                        ("intact-with-bad-sectors", true) => {
+                            "ok, but the source had unreadable sectors (zeros in the image; see `cairn badmap`)".to_string()
+                        }
+                        (_, false) if verify::intact(i.status) => {
                             "intact, but not restorable (a parent is damaged)".to_string()
                         }
                         _ => format!("DAMAGED ({} damaged blocks)", i.damaged_blocks),
@@ -332,7 +353,7 @@ pub fn main() -> Result<()> {
                 let bad: Vec<&str> = r
                     .images
                     .iter()
-                    .filter(|i| i.status != "ok" || !i.restorable)
+                    .filter(|i| !verify::intact(i.status) || !i.restorable)
                     .map(|i| i.id.as_str())
                     .collect();
                 let first = r
@@ -347,6 +368,19 @@ pub fn main() -> Result<()> {
                     bad.len(),
                     bad.join(", ")
                 );
+            }
+        }
+        Command::Badmap(a) => {
+            let repo = Repository::open(&a.repo)?;
+            let id =
+                restore::select_image(&repo, a.select.name.as_deref(), a.select.image.as_deref())?;
+            let (m, _) = repo.load_manifest(&id)?;
+            if cli.json {
+                print_json(
+                    &serde_json::json!({"id": id, "size": m.source.size, "bad_ranges": m.bad_ranges}),
+                );
+            } else {
+                print!("{}", ddrescue_map(&m, &id));
             }
         }
         Command::Tracker(t) => tracker_command(t, cli.state_dir.as_deref(), cli.json)?,
@@ -497,6 +531,40 @@ fn tracker_command(
             Ok(())
         }
     }
+}
+
+/// A backup that finished, but with unreadable sectors: exit status 3, so scripts can tell.
+#[derive(Debug)]
+pub struct PartialImage(pub String);
+
+impl std::fmt::Display for PartialImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for PartialImage {}
+
+/// GNU ddrescue's mapfile: '+' read fine, '-' unreadable (stored as zeros).
+fn ddrescue_map(m: &crate::format::Manifest, id: &str) -> String {
+    let mut out = format!(
+        "# Mapfile. Created by cairn {} for image {id} of {}\n# current_pos  current_status  current_pass\n0x{:08X}     +               1\n#      pos        size  status\n",
+        env!("CARGO_PKG_VERSION"),
+        m.source.path,
+        m.source.size
+    );
+    let mut at = 0u64;
+    for &(o, l) in &m.bad_ranges {
+        if o > at {
+            out.push_str(&format!("0x{at:08X}  0x{:08X}  +\n", o - at));
+        }
+        out.push_str(&format!("0x{o:08X}  0x{l:08X}  -\n"));
+        at = o + l;
+    }
+    if at < m.source.size {
+        out.push_str(&format!("0x{at:08X}  0x{:08X}  +\n", m.source.size - at));
+    }
+    out
 }
 
 /// "1.5G"-style sizes for table columns.

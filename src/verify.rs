@@ -21,7 +21,8 @@ pub struct ImageStatus {
     pub id: String,
     pub name: Option<String>,
     pub kind: Option<&'static str>,
-    /// "ok" or "damaged".
+    /// "ok", "intact-with-bad-sectors" (the source had unreadable sectors, stored as zeros; the
+    /// image itself is intact) or "damaged".
     pub status: &'static str,
     /// True when this image and every image it depends on are intact.
     pub restorable: bool,
@@ -68,8 +69,8 @@ pub fn run(
     let mut images = Vec::new();
     for id in &selected {
         let Checked { mut status, parent } = check_image(repo, id, progress);
-        checked.insert(id.clone(), (status.status == "ok", parent.clone()));
-        let mut chain_ok = status.status == "ok";
+        checked.insert(id.clone(), (intact(status.status), parent.clone()));
+        let mut chain_ok = intact(status.status);
         let mut next = parent;
         let mut hops = 0;
         while let (true, Some(p)) = (chain_ok, next.take()) {
@@ -80,7 +81,7 @@ pub fn run(
             }
             if !checked.contains_key(&p) {
                 let c = check_image(repo, &p, progress);
-                checked.insert(p.clone(), (c.status.status == "ok", c.parent));
+                checked.insert(p.clone(), (intact(c.status.status), c.parent));
             }
             let (ok, grandparent) = checked[&p].clone();
             if !ok {
@@ -92,8 +93,12 @@ pub fn run(
         status.restorable = chain_ok;
         images.push(status);
     }
-    let ok = images.iter().all(|i| i.status == "ok" && i.restorable);
+    let ok = images.iter().all(|i| intact(i.status) && i.restorable);
     Ok(VerifyReport { ok, images })
+}
+
+pub fn intact(status: &str) -> bool {
+    status == "ok" || status == "intact-with-bad-sectors"
 }
 
 struct Checked {
@@ -140,6 +145,8 @@ fn check_image(repo: &Repository, id: &str, progress: &Progress) -> Checked {
     }
     if !st.errors.is_empty() {
         st.status = "damaged";
+    } else if !img.manifest.bad_ranges.is_empty() {
+        st.status = "intact-with-bad-sectors";
     }
     Checked { status: st, parent }
 }

@@ -2,6 +2,7 @@
 //! use) and an I/O queue to read or write it. Knows nothing about the image format.
 
 pub mod buf;
+pub mod fault;
 pub mod queue;
 pub mod sync;
 pub mod uring;
@@ -439,7 +440,7 @@ pub fn open(
                 Ok(q) => {
                     tracing::debug!("{}: {}", path.display(), q.describe());
                     return Ok(Handle {
-                        queue: Box::new(q),
+                        queue: with_faults(Box::new(q), access),
                         file,
                         direct: true,
                     });
@@ -460,10 +461,21 @@ pub fn open(
     );
     let q = sync::SyncQueue::new(file.as_raw_fd(), depth, why);
     Ok(Handle {
-        queue: Box::new(q),
+        queue: with_faults(Box::new(q), access),
         file,
         direct: false,
     })
+}
+
+/// Reads see injected errors when CAIRN_FAULT_READ is set (see fault.rs).
+fn with_faults(q: Box<dyn IoQueue>, access: Access) -> Box<dyn IoQueue> {
+    match (access, fault::Faults::from_env()) {
+        (Access::Read, Some(f)) => {
+            tracing::warn!("CAIRN_FAULT_READ is set: injecting read errors");
+            Box::new(fault::FaultyQueue::new(q, f))
+        }
+        _ => q,
+    }
 }
 
 fn fs_name(path: &Path) -> String {

@@ -112,6 +112,9 @@ pub struct Manifest {
     pub index: IndexRef,
     pub segments: Vec<SegmentRef>,
     pub stats: Stats,
+    /// Source ranges (byte offset, length) that could not be read: the image holds zeros there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bad_ranges: Vec<(u64, u64)>,
     /// The change tracker's cut this image corresponds to, when a tracker was running: the next
     /// incremental or differential hands it back to prove continuity since this image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -224,6 +227,13 @@ impl Manifest {
                 return Err(corrupt(format!("segment list entry {i} invalid")));
             }
         }
+        let mut end = 0u64;
+        for &(o, l) in &self.bad_ranges {
+            if l == 0 || o < end || o.checked_add(l).is_none_or(|e| e > self.source.size) {
+                return Err(corrupt("bad-sector list out of order or beyond the source"));
+            }
+            end = o + l;
+        }
         if parse_hash_hex(&self.index.blake3).is_none() {
             return Err(corrupt("index hash invalid"));
         }
@@ -288,6 +298,7 @@ pub(crate) mod tests {
                 blake3: "11".repeat(32),
             }],
             stats: Stats::default(),
+            bad_ranges: Vec::new(),
             tracking: None,
             partition_table: None,
         }
