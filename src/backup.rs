@@ -607,14 +607,8 @@ fn pipeline(
         Work::All | Work::Compare => geo.size.div_ceil(u64::from(geo.block_size)),
         Work::Extents(e) => e.len() as u64,
     };
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .clamp(1, 8);
-    let (free_tx, free_rx) = bounded::<AlignedBuf>(buffers.len());
-    for b in buffers {
-        free_tx.send(b).expect("pool channel has room");
-    }
+    let workers = device::buf::stage_workers();
+    let (free_tx, free_rx) = device::buf::circulate(buffers);
     let (work_tx, work_rx) = bounded::<ReadUnit>(POOL_BUFFERS);
     let (done_tx, done_rx) = bounded::<Processed>(POOL_BUFFERS);
 

@@ -566,14 +566,8 @@ fn restore_pipeline(
     mut account: impl FnMut(WriteOut) -> Result<()>,
     tail_file: &std::fs::File,
 ) -> Result<()> {
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .clamp(1, 8);
-    let (free_tx, free_rx) = bounded::<AlignedBuf>(buffers.len());
-    for b in buffers {
-        free_tx.send(b).expect("room");
-    }
+    let workers = device::buf::stage_workers();
+    let (free_tx, free_rx) = device::buf::circulate(buffers);
     let (job_tx, job_rx) = bounded::<Job>(POOL_BUFFERS);
     let (dec_tx, dec_rx) = bounded::<Decoded>(POOL_BUFFERS);
     std::thread::scope(|s| {

@@ -75,6 +75,30 @@ pub fn pool(count: usize, size: usize) -> Vec<AlignedBuf> {
         .collect()
 }
 
+/// Puts a pool into circulation: a bounded channel preloaded with every buffer. Stages hand
+/// buffers back through the sender; whoever needs one takes it from the receiver, so the pool
+/// size bounds the memory of a whole pipeline.
+pub fn circulate(
+    buffers: Vec<AlignedBuf>,
+) -> (
+    crossbeam_channel::Sender<AlignedBuf>,
+    crossbeam_channel::Receiver<AlignedBuf>,
+) {
+    let (tx, rx) = crossbeam_channel::bounded(buffers.len());
+    for b in buffers {
+        tx.send(b).expect("the channel holds the whole pool");
+    }
+    (tx, rx)
+}
+
+/// Threads for a CPU-bound pipeline stage (compression, decompression): one per core.
+pub fn stage_workers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .clamp(1, 8)
+}
+
 /// Rounds `n` up to the buffer alignment (O_DIRECT transfer lengths must be aligned).
 pub fn align_up(n: usize) -> usize {
     n.div_ceil(ALIGN) * ALIGN
