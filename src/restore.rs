@@ -531,7 +531,8 @@ enum Job {
         offset: u64,
         len: u64,
     },
-    Data(ReadJob),
+    /// With the buffer the block is decoded into.
+    Data(ReadJob, AlignedBuf),
     /// The reader could not supply this block; the writer stops there.
     Failed {
         seq: u64,
@@ -571,13 +572,16 @@ fn restore_pipeline(
     let (job_tx, job_rx) = bounded::<Job>(POOL_BUFFERS);
     let (dec_tx, dec_rx) = bounded::<Decoded>(POOL_BUFFERS);
     std::thread::scope(|s| {
-        let reader = s.spawn(move || read_jobs(chain, range, job_tx));
+        // The reader hands out the buffers, in block order: the block the writer waits for always
+        // has one. (Decoders taking them raced: a fast decoder could take every buffer for later
+        // blocks while the writer waited for an earlier one, and nothing moved again.)
+        let reader = s.spawn(move || read_jobs(chain, range, job_tx, free_rx));
         let mut stage = Vec::new();
         for _ in 0..workers {
-            let (rx, tx, free) = (job_rx.clone(), dec_tx.clone(), free_rx.clone());
-            stage.push(s.spawn(move || decode_jobs(chain, rx, tx, free)));
+            let (rx, tx) = (job_rx.clone(), dec_tx.clone());
+            stage.push(s.spawn(move || decode_jobs(chain, rx, tx)));
         }
-        drop((job_rx, dec_tx, free_rx));
+        drop((job_rx, dec_tx));
         let written = write_jobs(
             handle,
             range.start,
@@ -600,7 +604,12 @@ fn restore_pipeline(
     })
 }
 
-fn read_jobs(chain: &[Image], range: Range, tx: Sender<Job>) -> Result<()> {
+fn read_jobs(
+    chain: &[Image],
+    range: Range,
+    tx: Sender<Job>,
+    free: Receiver<AlignedBuf>,
+) -> Result<()> {
     let mut readers: Vec<SegmentReader> = chain.iter().map(Image::segment_reader).collect();
     let mut seq = 0u64;
     let mut zero_run: Option<(u64, u64)> = None;
@@ -656,14 +665,20 @@ fn read_jobs(chain: &[Image], range: Range, tx: Sender<Job>) -> Result<()> {
                 return Ok(());
             }
         };
+        let Ok(buf) = free.recv() else {
+            return Ok(());
+        };
         if tx
-            .send(Job::Data(ReadJob {
-                seq,
-                offset,
-                len,
-                pieces,
-                payloads,
-            }))
+            .send(Job::Data(
+                ReadJob {
+                    seq,
+                    offset,
+                    len,
+                    pieces,
+                    payloads,
+                },
+                buf,
+            ))
             .is_err()
         {
             return Ok(());
@@ -680,12 +695,7 @@ fn read_jobs(chain: &[Image], range: Range, tx: Sender<Job>) -> Result<()> {
     Ok(())
 }
 
-fn decode_jobs(
-    chain: &[Image],
-    rx: Receiver<Job>,
-    tx: Sender<Decoded>,
-    free: Receiver<AlignedBuf>,
-) -> Result<()> {
+fn decode_jobs(chain: &[Image], rx: Receiver<Job>, tx: Sender<Decoded>) -> Result<()> {
     let mut dctx = zstd::bulk::Decompressor::new().context("zstd init")?;
     let mut scratch: Vec<u8> = Vec::new();
     for job in rx {
@@ -698,10 +708,7 @@ fn decode_jobs(
                 seq,
                 kind: DecodedKind::Failed(error),
             },
-            Job::Data(j) => {
-                let Ok(mut buf) = free.recv() else {
-                    return Ok(());
-                };
+            Job::Data(j, mut buf) => {
                 let len = j.len as usize;
                 match assemble(
                     chain,
