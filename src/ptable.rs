@@ -421,6 +421,29 @@ fn mbr_type_name(sys: u8) -> Option<&'static str> {
 // Fitting a restored table to the target
 // ---------------------------------------------------------------------------------------------
 
+/// Whether [`fit_to_target`] can rebuild this GPT at another size: it works from the primary header
+/// and array, which must be intact, with the array at LBA 2 (where every partitioning tool puts it).
+pub fn check_relocatable<R: Read + Seek>(r: &mut R, ss: u64) -> Result<()> {
+    if gpt_header_plausible(r, 1, ss)?.is_none() {
+        bail!("its primary GPT header is missing or damaged (only the backup is readable); repair the source's table with gdisk and take a new image, or restore onto a drive of the same size");
+    }
+    let h = no_panic(|| {
+        r.seek(SeekFrom::Start(ss))?;
+        let h = gptman::GPTHeader::read_from(r)
+            .map_err(|e| anyhow!("its primary GPT header is invalid: {e}"))?;
+        h.read_partitions(r, ss)
+            .map_err(|e| anyhow!("its primary GPT partition array is invalid: {e}"))?;
+        Ok(h)
+    })?;
+    if h.partition_entry_lba != 2 {
+        bail!(
+            "its partition array is at LBA {}, not 2; cairn relocates standard layouts only",
+            h.partition_entry_lba
+        );
+    }
+    Ok(())
+}
+
 /// What [`fit_to_target`] changed.
 #[derive(Debug, Clone, Serialize)]
 pub struct TableChange {
@@ -748,6 +771,26 @@ mod tests {
         }
         let r = read(&mut std::io::Cursor::new(&disk), size, 512);
         assert!(r.is_err(), "{r:?}");
+    }
+
+    #[test]
+    fn relocation_needs_an_intact_primary() {
+        let size = 4u64 << 20;
+        let mut cur = std::io::Cursor::new(vec![0u8; size as usize]);
+        let mut gpt = gptman::GPT::new_from(&mut cur, 512, [7; 16]).unwrap();
+        gpt.write_into(&mut cur).unwrap();
+        let mut disk = cur.into_inner();
+        check_relocatable(&mut std::io::Cursor::new(&disk), 512).unwrap();
+        disk[512 + 40] ^= 1; // primary header CRC no longer matches
+        let t = read(&mut std::io::Cursor::new(&disk), size, 512)
+            .unwrap()
+            .unwrap();
+        assert_eq!(t.kind, TableKind::Gpt, "still readable from the backup");
+        let e = check_relocatable(&mut std::io::Cursor::new(&disk), 512).unwrap_err();
+        assert!(
+            format!("{e}").contains("primary GPT header is invalid"),
+            "{e}"
+        );
     }
 
     #[test]

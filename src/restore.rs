@@ -221,6 +221,20 @@ pub fn run(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> 
             }
         }
     }
+    if let (Some(t), true) = (&table, whole) {
+        let resized = target_size != image_size || opts.grow_last_partition;
+        if t.kind == crate::ptable::TableKind::Gpt && resized {
+            let mut r = ImageReader::new(&chain)?;
+            crate::ptable::check_relocatable(&mut r, u64::from(t.sector_size)).with_context(
+                || {
+                    format!(
+                        "image {id}'s GPT cannot be fitted to a drive of another size ({} bytes; the image is {image_size}); nothing was written",
+                        target_size
+                    )
+                },
+            )?;
+        }
+    }
     let target = prepare_target(tpath, &opts.repo, tinfo.as_ref(), opts.yes)?;
     // Every stored block this restore uses is read and checked before the first write.
     chain::precheck(&chain, progress)

@@ -792,3 +792,35 @@ fn incremental_chain_onto_larger_drive() {
         "the restored incremental point differs from the source between the GPT copies"
     );
 }
+
+/// An image whose primary GPT is damaged (only the backup is intact) cannot be relocated: refused
+/// before anything is written, saying why. The same-size restore still works, byte for byte.
+#[test]
+fn damaged_primary_gpt_is_refused_on_another_size_before_writing() {
+    require_root();
+    let t = tempdir();
+    let repo = t.path().join("repo");
+    let img = t.path().join("damaged.img");
+    write_sparse_file(&img, 64 * MIB);
+    sgdisk(&["-o", "-n", "1:2048:+20M", "-t", "1:8300", s(&img)]);
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        write_random_at(&f, MIB, 4 * MIB, 2400);
+        f.sync_all().unwrap();
+    }
+    flip_byte(&img, SECTOR + 40); // the primary header's CRC no longer matches
+    backup(s(&img), &repo, "damaged", &[]);
+
+    let dst = LoopDev::new_random(&t.path().join("dst.img"), 96 * MIB, 2401);
+    let before = hash_device(&dst.dev);
+    let out = cairn(&["restore", s(&repo), &dst.dev, "--yes"]);
+    out.error();
+    let line = out.error_line();
+    assert!(line.contains("primary GPT"), "{line}");
+    assert!(line.contains("nothing was written"), "{line}");
+    assert_eq!(hash_device(&dst.dev), before, "the target was written");
+
+    let same = LoopDev::new_random(&t.path().join("same.img"), 64 * MIB, 2402);
+    restore(&repo, &same.dev, &["--yes"]);
+    assert_eq!(hash_device(&same.dev), hash_path(&img));
+}
