@@ -1074,6 +1074,9 @@ fn check_fits(
         start: limit,
         end: allowed_from,
     };
+    // The first and the last non-zero byte there, to say what does not fit and what would.
+    let mut first: Option<u64> = None;
+    let mut last_end = 0u64;
     let mut dec = BlockDecoder::new(chain)?;
     for pieces in Planner::new(chain) {
         if pieces[0].offset >= region.end {
@@ -1089,17 +1092,22 @@ fn check_fits(
             let rel = (p.offset - base) as usize;
             let bytes = &data[rel..rel + p.len as usize];
             if let Some(i) = bytes.iter().position(|&b| b != 0) {
-                let at = p.offset + i as u64;
-                if table.inside_partition(at, at + 1) {
-                    continue;
-                }
-                bail!(
-                    "{sizes}; the image holds data outside its partitions at byte {at}, beyond byte {limit} where this target's room ends (partitions end by byte {}): refusing to cut it off. Restore onto a drive of at least {} bytes",
-                    table.partitions_end(),
-                    image_size
-                );
+                let j = bytes.iter().rposition(|&b| b != 0).unwrap_or(i);
+                first.get_or_insert(p.offset + i as u64);
+                last_end = last_end.max(p.offset + j as u64 + 1);
             }
         }
+    }
+    if let Some(at) = first {
+        let room_after = match table.kind {
+            TableKind::Gpt => (1 + table.array_sectors()) * ss,
+            TableKind::Mbr => 0,
+        };
+        let need = last_end.div_ceil(ss) * ss + room_after;
+        bail!(
+            "{sizes}; the image holds data outside its partitions from byte {at} to byte {last_end}, beyond byte {limit} where this target's room ends (partitions end by byte {}): refusing to cut it off. It needs a drive of at least {need} bytes",
+            table.partitions_end()
+        );
     }
     Ok(())
 }

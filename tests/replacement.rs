@@ -295,8 +295,12 @@ fn restore_onto_smaller_drive_refused_when_data_outside_partitions_does_not_fit(
         "the refusal must name the sizes involved: {line}"
     );
     assert!(
-        mentions_number(&line, 185 * MIB),
+        mentions_number(&line, 185 * MIB) && mentions_number(&line, 187 * MIB),
         "the refusal must say where the data is: {line}"
+    );
+    assert!(
+        mentions_number(&line, 187 * MIB + 33 * SECTOR),
+        "the refusal must say what size would do: {line}"
     );
     assert!(line.contains("outside its partitions"), "{line}");
     assert_eq!(hash_device(&dst.dev), before, "the target was written");
