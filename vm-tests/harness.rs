@@ -136,7 +136,7 @@ fn build_rescue() -> Result<Rescue, String> {
         started.elapsed(),
         String::from_utf8_lossy(&o.stderr)
             .lines()
-            .last()
+            .find(|l| l.contains("done:"))
             .unwrap_or("")
     );
     Rescue::from_dir(&out)
