@@ -973,7 +973,8 @@ struct ImageReader<'a> {
 
 impl<'a> ImageReader<'a> {
     fn new(chain: &'a [Image]) -> Result<Self> {
-        let m = &chain[0].manifest;
+        // The restore point's geometry (a chain may change size; the Planner follows the last).
+        let m = &chain.last().expect("non-empty chain").manifest;
         Ok(ImageReader {
             dec: BlockDecoder::new(chain)?,
             size: m.source.size,
@@ -1136,7 +1137,7 @@ fn verify_target(chain: &[Image], range: Range, path: &Path, progress: &Progress
             return Err(anyhow::Error::new(e).context(format!("cannot open {}", path.display())))
         }
     };
-    let bs = chain[0].manifest.block_size as usize;
+    let bs = chain.last().expect("non-empty chain").manifest.block_size as usize;
     let id = chain.last().expect("non-empty chain").id().to_string();
     let mut buf = AlignedBuf::new(bs, 0);
     let mut dec = BlockDecoder::new(chain)?;
