@@ -159,7 +159,12 @@ impl Iterator for Planner<'_> {
 /// before anything is written: a damaged image anywhere in the chain makes the restore fail with
 /// the target untouched, naming that image. Costs one read of the stored data; the plaintext
 /// hashes are checked again as each block is written.
-pub fn precheck(chain: &[Image], progress: &crate::progress::Progress) -> Result<()> {
+/// Only pieces overlapping `[range.0, range.1)` are checked (a one-partition restore).
+pub fn precheck(
+    chain: &[Image],
+    range: (u64, u64),
+    progress: &crate::progress::Progress,
+) -> Result<()> {
     let mut readers: Vec<_> = chain.iter().map(Image::segment_reader).collect();
     let mut seen: Vec<Vec<bool>> = chain
         .iter()
@@ -170,6 +175,9 @@ pub fn precheck(chain: &[Image], progress: &crate::progress::Progress) -> Result
     let mut payload = Vec::new();
     for pieces in Planner::new(chain) {
         for p in pieces {
+            if p.offset + p.len <= range.0 || p.offset >= range.1 {
+                continue;
+            }
             if let Source::Entry(ci, ei) = p.source {
                 if std::mem::replace(&mut seen[ci][ei], true) {
                     continue;

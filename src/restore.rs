@@ -237,7 +237,7 @@ pub fn run(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> 
     }
     let target = prepare_target(tpath, &opts.repo, tinfo.as_ref(), opts.yes)?;
     // Every stored block this restore uses is read and checked before the first write.
-    chain::precheck(&chain, progress)
+    chain::precheck(&chain, (start, end), progress)
         .with_context(|| format!("image {id} cannot be restored; nothing was written"))?;
 
     let buffers = device::buf::pool(POOL_BUFFERS, m.block_size as usize);
