@@ -168,10 +168,18 @@ pub fn insert(from: &Path, to: &Path, offset: u64) {
 
 /// Where the first `n` bytes of `a` and `b` differ, if they do.
 pub fn first_difference(a: &Path, b: &Path, n: u64) -> Option<u64> {
+    first_difference_at(a, b, 0, n)
+}
+
+/// Where bytes `start..start+n` of `a` and `b` differ, if they do.
+pub fn first_difference_at(a: &Path, b: &Path, start: u64, n: u64) -> Option<u64> {
     let mut fa = File::open(a).unwrap();
     let mut fb = File::open(b).unwrap();
+    fa.seek(SeekFrom::Start(start)).unwrap();
+    fb.seek(SeekFrom::Start(start)).unwrap();
+    let n = start + n;
     let (mut ba, mut bb) = (vec![0u8; MIB as usize], vec![0u8; MIB as usize]);
-    let mut off = 0;
+    let mut off = start;
     while off < n {
         let k = (n - off).min(MIB) as usize;
         fa.read_exact(&mut ba[..k])
@@ -458,20 +466,47 @@ pub fn source_disk(dir: &Path) -> SourceDisk {
 }
 
 impl SourceDisk {
-    /// `target` holds what this disk held: the first `size` bytes are equal, the partition table
-    /// reads the same, both filesystems check clean, and every file reads back equal.
+    /// `target` holds what this disk held: every byte of the source is on it, except on a larger
+    /// target the GPT's own bookkeeping (protective MBR, primary header, backup header and array
+    /// moved to the target's end); the partition table reads the same and verifies clean; both
+    /// filesystems check clean, and every file reads back equal.
     pub fn assert_restored_on(&self, target: &Path, scratch: &Path) {
-        if let Some(off) = first_difference(&self.path, target, self.size) {
-            panic!(
-                "restored disk {} differs from the source {} at byte {off} (of the source's {})",
-                target.display(),
-                self.path.display(),
-                self.size
+        let target_size = fs::metadata(target).unwrap().len();
+        // LBA 0 (protective MBR) and 1 (primary header) name the disk's last sector; the primary
+        // entry array (LBA 2..34) and everything up to the source's backup array are the source's.
+        let gpt_tail = 33 * 512;
+        let ranges: Vec<(u64, u64)> = if target_size == self.size {
+            vec![(0, self.size)]
+        } else {
+            vec![(1024, self.size - gpt_tail - 1024)]
+        };
+        for (off, len) in ranges {
+            if let Some(at) = first_difference_at(&self.path, target, off, len) {
+                panic!(
+                    "restored disk {} differs from the source {} at byte {at} (compared {off}..{})",
+                    target.display(),
+                    self.path.display(),
+                    off + len
+                );
+            }
+        }
+        if target_size > self.size {
+            assert!(
+                is_zero(target, self.size, target_size - self.size - gpt_tail),
+                "the restored disk has data between the source's size and its relocated GPT backup"
             );
         }
-        let (label, _, parts) = partitions(target);
+        let (label, id, parts) = partitions(target);
+        let (_, src_id, _) = partitions(&self.path);
         assert_eq!(label, "gpt", "restored disk has no GPT");
+        assert_eq!(id, src_id, "restored disk GUID differs");
         assert_eq!(parts, self.parts, "restored partition table differs");
+        let v = run("gdisk", "sgdisk", &["-v", s(target)]);
+        let text = String::from_utf8_lossy(&v.stdout);
+        assert!(
+            text.contains("No problems found"),
+            "sgdisk -v finds problems with the restored GPT:\n{text}"
+        );
 
         fs::create_dir_all(scratch).unwrap();
         let p1 = scratch.join("restored-p1.img");
