@@ -247,7 +247,7 @@ impl Vm {
         }
         for (i, d) in self.disks.iter().enumerate() {
             c.arg("-drive").arg(format!(
-                "file={},format=raw,if=none,id=disk{i},cache=unsafe",
+                "file={},format=raw,if=none,id=disk{i},cache=unsafe,discard=unmap",
                 d.path.display()
             ));
             c.arg("-device")
