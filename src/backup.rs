@@ -218,6 +218,7 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     let geometry = Geometry {
         size: info.size,
         block_size,
+        granule,
         sector: info.logical_sector_size.max(512) as usize,
         max_bad: opts.max_bad,
     };
@@ -519,6 +520,8 @@ fn extents_from_runs(
 struct Geometry {
     size: u64,
     block_size: u32,
+    /// Resolution of compare-scans.
+    granule: u32,
     /// Logical sector size: the smallest unit a failed read is narrowed down to.
     sector: usize,
     /// Give up when more than this many bytes are unreadable.
@@ -618,7 +621,7 @@ fn pipeline(
         for _ in 0..workers {
             let rx = work_rx.clone();
             let tx = done_tx.clone();
-            stage.push(s.spawn(move || block_stage(level, base, rx, tx)));
+            stage.push(s.spawn(move || block_stage(level, geo.granule as usize, base, rx, tx)));
         }
         drop(work_rx);
         drop(done_tx);
@@ -754,6 +757,7 @@ fn read_all(
 
 fn block_stage(
     level: i32,
+    granule: usize,
     base: &[Image],
     rx: Receiver<ReadUnit>,
     tx: Sender<Processed>,
@@ -768,13 +772,14 @@ fn block_stage(
             .set_parameter(zstd::stream::raw::CParameter::HashLog(15))
             .context("zstd parameters")?;
     }
+    let mut comparer = Comparer::new(base, granule)?;
     for u in rx {
         let data = &u.buf.as_slice()[..u.len];
         let mut outs = Vec::new();
         match &u.expected {
             None => outs.push(stage_extent(&mut compressor, data, 0, u.offset)),
             Some(pieces) => {
-                for (start, end) in changed_ranges(data, u.offset, pieces, base) {
+                for (start, end) in comparer.changed_ranges(data, u.offset, pieces) {
                     outs.push(stage_extent(
                         &mut compressor,
                         &data[start..end],
@@ -849,38 +854,106 @@ fn fit_pieces(mut pieces: Vec<Piece>, offset: u64, len: u64) -> Vec<Piece> {
     pieces
 }
 
-/// For a compare-scan: the byte ranges of `data` (a block read at `offset`) that differ from what
-/// the base chain holds there. A piece is unchanged only when it is provably equal: zero where the
-/// chain has zero, or hashing to the hash of the one whole entry that supplies it. A piece that is
-/// part of a larger entry cannot be compared by hash and counts as changed.
-fn changed_ranges(
-    data: &[u8],
-    offset: u64,
-    pieces: &[Piece],
-    base: &[Image],
-) -> Vec<(usize, usize)> {
-    let mut out: Vec<(usize, usize)> = Vec::new();
-    for p in pieces {
-        let from = (p.offset - offset) as usize;
-        let to = from + p.len as usize;
-        let slice = &data[from..to];
-        let same = match p.source {
-            Source::Zero => is_zero(slice),
-            Source::Entry(ci, ei) => {
-                let e = &base[ci].index.entries[ei];
-                e.offset == p.offset
-                    && u64::from(e.length) == p.len
-                    && blake3::hash(slice).as_bytes() == &e.hash
-            }
+/// A block stage's access to the base chain's data, for comparing at granule resolution.
+struct Comparer<'a> {
+    base: &'a [Image],
+    granule: usize,
+    readers: Vec<crate::repo::SegmentReader>,
+    dctx: zstd::bulk::Decompressor<'static>,
+    payload: Vec<u8>,
+    /// The plaintext of the last entry decoded, and which one it is.
+    old: Vec<u8>,
+    old_entry: Option<(usize, usize)>,
+}
+
+impl<'a> Comparer<'a> {
+    fn new(base: &'a [Image], granule: usize) -> Result<Self> {
+        Ok(Comparer {
+            base,
+            granule: granule.max(512),
+            readers: base.iter().map(Image::segment_reader).collect(),
+            dctx: zstd::bulk::Decompressor::new().context("zstd init")?,
+            payload: Vec::new(),
+            old: Vec::new(),
+            old_entry: None,
+        })
+    }
+
+    /// The checked plaintext of entry `ei` of chain image `ci`.
+    fn entry(&mut self, ci: usize, ei: usize) -> Result<&[u8]> {
+        if self.old_entry != Some((ci, ei)) {
+            self.old_entry = None;
+            let e = &self.base[ci].index.entries[ei];
+            let codec = self.readers[ci].read_payload(e, &mut self.payload)?;
+            self.old.resize(e.length as usize, 0);
+            crate::repo::decode_checked(
+                self.base[ci].id(),
+                e,
+                codec,
+                &self.payload,
+                &mut self.dctx,
+                &mut self.old,
+            )?;
+            self.old_entry = Some((ci, ei));
+        }
+        Ok(&self.old)
+    }
+
+    /// The byte ranges of `data` (a block read at `offset`) that differ from what the base chain
+    /// holds there, at granule resolution. A piece that is one whole entry of the chain and hashes
+    /// to its hash is unchanged without further work; otherwise the chain's data is decoded and
+    /// compared granule by granule, so a 4 KiB write costs 4 KiB of image, not its 1 MiB block.
+    /// If the chain's data cannot be read, the piece counts as changed (stored again).
+    fn changed_ranges(
+        &mut self,
+        data: &[u8],
+        offset: u64,
+        pieces: &[Piece],
+    ) -> Vec<(usize, usize)> {
+        let mut out: Vec<(usize, usize)> = Vec::new();
+        let g = self.granule;
+        let mut mark = |from: usize, to: usize| match out.last_mut() {
+            Some((_, end)) if *end == from => *end = to,
+            _ => out.push((from, to)),
         };
-        if !same {
-            match out.last_mut() {
-                Some((_, end)) if *end == from => *end = to,
-                _ => out.push((from, to)),
+        for p in pieces {
+            let from = (p.offset - offset) as usize;
+            let to = from + p.len as usize;
+            let slice = &data[from..to];
+            match p.source {
+                Source::Zero => {
+                    for (i, chunk) in slice.chunks(g).enumerate() {
+                        if !is_zero(chunk) {
+                            mark(from + i * g, from + i * g + chunk.len());
+                        }
+                    }
+                }
+                Source::Entry(ci, ei) => {
+                    let e = &self.base[ci].index.entries[ei];
+                    let whole = e.offset == p.offset && u64::from(e.length) == p.len;
+                    if whole && blake3::hash(slice).as_bytes() == &e.hash {
+                        continue;
+                    }
+                    let skip = (p.offset - e.offset) as usize;
+                    match self.entry(ci, ei) {
+                        Ok(old) => {
+                            let old = &old[skip..skip + slice.len()];
+                            for (i, (a, b)) in slice.chunks(g).zip(old.chunks(g)).enumerate() {
+                                if a != b {
+                                    mark(from + i * g, from + i * g + a.len());
+                                }
+                            }
+                        }
+                        Err(err) => {
+                            tracing::warn!("cannot compare with the parent chain ({err:#}); storing this part again");
+                            mark(from, to);
+                        }
+                    }
+                }
             }
         }
+        out
     }
-    out
 }
 
 fn zero_hash(len: usize) -> format::Hash {

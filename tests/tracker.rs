@@ -730,3 +730,41 @@ fn differential_needs_only_its_full() {
         .collect();
     assert_eq!(kinds, vec!["full", "differential"]);
 }
+
+#[test]
+fn compare_scan_stores_only_the_changed_granules() {
+    let work = tempdir();
+    let w = work.path();
+    let src = w.join("src.img");
+    write_random_file(&src, 64 * MIB, 21);
+    let repo = w.join("repo");
+    let state = w.join("no-tracker");
+    backup_with(s(&src), &repo, &state, "");
+    // Three 4 KiB writes in three different 1 MiB blocks, and one block zeroed.
+    let mut f = OpenOptions::new().write(true).open(&src).unwrap();
+    for (i, off) in [MIB + 4096, 17 * MIB, 40 * MIB + 12288]
+        .into_iter()
+        .enumerate()
+    {
+        f.seek(SeekFrom::Start(off)).unwrap();
+        f.write_all(&random_vec(100 + i as u64, 4096)).unwrap();
+    }
+    f.seek(SeekFrom::Start(50 * MIB)).unwrap();
+    f.write_all(&vec![0u8; MIB as usize]).unwrap();
+    drop(f);
+    let r = backup_with(s(&src), &repo, &state, "");
+    assert_eq!(r["method"], "compare-scan", "{r}");
+    assert_eq!(
+        r["data_bytes"],
+        3 * 4096,
+        "only the changed granules are stored: {r}"
+    );
+    assert!(r["bytes_stored"].as_u64().unwrap() < 64 * 1024, "{r}");
+    assert_restores_to(
+        &repo,
+        &id_of(&r),
+        &src,
+        w,
+        "compare-scan at granule resolution",
+    );
+}
