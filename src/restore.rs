@@ -762,31 +762,41 @@ fn assemble(
     dctx: &mut zstd::bulk::Decompressor<'_>,
     scratch: &mut Vec<u8>,
 ) -> Result<()> {
-    if j.pieces.len() == 1 && j.payloads.len() == 1 {
-        let (ci, ei, codec, payload) = &j.payloads[0];
+    // An entry that spans the whole block (the full image's, typically) is decoded straight into
+    // the block; every other entry is decoded once and only its pieces are copied over it.
+    let spans_block = |ci: usize, ei: usize| {
+        let e: &Entry = &chain[ci].index.entries[ei];
+        e.offset == j.offset && u64::from(e.length) == j.len
+    };
+    let base = j
+        .payloads
+        .iter()
+        .position(|(ci, ei, _, _)| spans_block(*ci, *ei));
+    if let Some(b) = base {
+        let (ci, ei, codec, payload) = &j.payloads[b];
         let e: &Entry = &chain[*ci].index.entries[*ei];
-        if e.offset == j.pieces[0].offset && u64::from(e.length) == j.pieces[0].len {
-            return decode_checked(chain[*ci].id(), e, *codec, payload, dctx, block);
+        decode_checked(chain[*ci].id(), e, *codec, payload, dctx, block)?;
+    }
+    for (i, (ci, ei, codec, payload)) in j.payloads.iter().enumerate() {
+        if Some(i) == base {
+            continue;
+        }
+        let e: &Entry = &chain[*ci].index.entries[*ei];
+        scratch.resize(e.length as usize, 0);
+        decode_checked(chain[*ci].id(), e, *codec, payload, dctx, scratch)?;
+        for p in j
+            .pieces
+            .iter()
+            .filter(|p| p.source == Source::Entry(*ci, *ei))
+        {
+            let rel = (p.offset - j.offset) as usize;
+            let from = (p.offset - e.offset) as usize;
+            block[rel..rel + p.len as usize].copy_from_slice(&scratch[from..from + p.len as usize]);
         }
     }
-    for p in &j.pieces {
+    for p in j.pieces.iter().filter(|p| p.source == Source::Zero) {
         let rel = (p.offset - j.offset) as usize;
-        let dst = &mut block[rel..rel + p.len as usize];
-        match p.source {
-            Source::Zero => dst.fill(0),
-            Source::Entry(ci, ei) => {
-                let (_, _, codec, payload) = j
-                    .payloads
-                    .iter()
-                    .find(|(c, e, _, _)| (*c, *e) == (ci, ei))
-                    .ok_or_else(|| anyhow!("restore plan lost a payload"))?;
-                let e: &Entry = &chain[ci].index.entries[ei];
-                scratch.resize(e.length as usize, 0);
-                decode_checked(chain[ci].id(), e, *codec, payload, dctx, scratch)?;
-                let from = (p.offset - e.offset) as usize;
-                dst.copy_from_slice(&scratch[from..from + p.len as usize]);
-            }
-        }
+        block[rel..rel + p.len as usize].fill(0);
     }
     Ok(())
 }

@@ -181,6 +181,8 @@ fn buffered_write(dev: &str, offset: u64, len: usize, seed: u64) {
     f.seek(SeekFrom::Start(offset)).unwrap();
     f.write_all(&random_vec(seed, len)).unwrap();
     f.sync_all().unwrap();
+    drop(f);
+    flush_bufs(dev);
 }
 
 /// Copies a whole device into a file (the truth a restore point must reproduce).
@@ -189,6 +191,8 @@ fn copy_device(dev: &str, to: &Path) {
     let mut src = File::open(dev).unwrap();
     let mut dst = File::create(to).unwrap();
     std::io::copy(&mut src, &mut dst).unwrap();
+    // Leave no cached pages for later O_DIRECT writes to collide with.
+    flush_bufs(dev);
 }
 
 /// First differing 4 KiB block of two files, for a useful failure message.
@@ -334,6 +338,9 @@ fn torture(seed: u64) {
                     _ => {
                         // Writes racing with the backup itself: their final state must be in
                         // the next image (this restore point is then not compared).
+                        // Drop p2's page cache first: O_DIRECT writes colliding with cached pages
+                        // make the kernel flag the device with EIO for the next fsync.
+                        flush_bufs(&p2);
                         let p2c = p2.clone();
                         let start = rng.below(60) * MIB;
                         background = Some(thread::spawn(move || {
