@@ -91,8 +91,9 @@ impl Rescue {
     }
 }
 
-/// The rescue image under test: $CAIRN_RESCUE_DIR if set, else built (once per test process, cached
-/// across runs by the script itself) with tools/build-rescue from this checkout.
+/// The rescue image under test: $CAIRN_RESCUE_DIR if set, else built into target/rescue (once per
+/// test process; the script caches downloads and images across runs) with tools/build-rescue from
+/// this checkout.
 pub fn rescue() -> &'static Rescue {
     static RESCUE: OnceLock<Result<Rescue, String>> = OnceLock::new();
     match RESCUE.get_or_init(build_rescue) {
@@ -106,11 +107,10 @@ fn build_rescue() -> Result<Rescue, String> {
         return Rescue::from_dir(Path::new(&dir))
             .map_err(|e| format!("{RESCUE_DIR_ENV}={}: {e}", Path::new(&dir).display()));
     }
+    // In this checkout's target/ (where .ci/run builds it too): the image holds this checkout's
+    // cairn, and another checkout's test run must not swap it under a running test.
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let cache = env::var_os("CAIRN_RESCUE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/tmp/cairn-rescue-cache"));
-    let out = cache.join("vm-tests");
+    let out = root.join("target/rescue");
     let script = root.join("tools/build-rescue");
     let started = Instant::now();
     let o = Command::new(&script)

@@ -239,8 +239,8 @@ fn scenario2_iso_usb_uefi_backup_restore() {
 }
 
 /// No CAIRNRUN disk: the rescue system boots to a shell on the serial console, with the banner, cairn
-/// on PATH, the sysadmin's tools beside it, the storage and filesystem drivers loaded, and working
-/// mkfs/mount for the usual filesystems.
+/// on PATH, the sysadmin's tools beside it, the storage and filesystem drivers loaded, working
+/// mkfs/mount for the usual filesystems (NTFS through ntfs-3g), and `cairn disks`.
 #[test]
 fn shell_boots_with_tools_and_drivers() {
     let test = "shell_boots_with_tools_and_drivers";
@@ -282,14 +282,15 @@ fn shell_boots_with_tools_and_drivers() {
     let at = g.wait_for("TOOLS-CHECKED-42", at, Duration::from_secs(120));
     g.send(
         "D=$(for d in /sys/block/vd*; do [ \"$(cat $d/serial)\" = scratch ] && echo /dev/${d##*/}; done); \
-         for fs in ext4 vfat exfat xfs btrfs; do \
-           case $fs in vfat) mkfs.vfat $D;; exfat) mkfs.exfat $D;; *) mkfs.$fs -f $D 2>/dev/null || mkfs.$fs -F $D;; esac >/tmp/mkfs.log 2>&1 \
-           && mount -t $fs $D /mnt/target && echo hi > /mnt/target/x && umount /mnt/target \
+         for fs in ext4 vfat exfat xfs btrfs ntfs; do \
+           case $fs in vfat) mkfs.vfat $D;; exfat) mkfs.exfat $D;; ntfs) mkntfs -Q -F $D;; *) mkfs.$fs -f $D 2>/dev/null || mkfs.$fs -F $D;; esac >/tmp/mkfs.log 2>&1 \
+           && if [ $fs = ntfs ]; then ntfs-3g $D /mnt/target; else mount -t $fs $D /mnt/target; fi >>/tmp/mkfs.log 2>&1 \
+           && echo hi > /mnt/target/x && umount /mnt/target \
            && echo FS-$((0))-OK-$fs || { echo FS-FAILED-$fs; cat /tmp/mkfs.log; }; done; \
          echo FS-CHECKED-$((6*7))\n",
     );
     let at = g.wait_for("FS-CHECKED-42", at, Duration::from_secs(300));
-    g.send("cairn --version; echo VERSION-$((6*7)); poweroff\n");
+    g.send("cairn --version; cairn disks; echo VERSION-$((6*7)); poweroff\n");
     g.wait_for("VERSION-42", at, Duration::from_secs(60));
     let fin = g.wait_exit(Duration::from_secs(120));
     let out = &fin.serial[at..];
@@ -303,7 +304,7 @@ fn shell_boots_with_tools_and_drivers() {
         "tools or drivers missing in the rescue system:\n{}",
         missing.join("\n")
     );
-    for fs in ["ext4", "vfat", "exfat", "xfs", "btrfs"] {
+    for fs in ["ext4", "vfat", "exfat", "xfs", "btrfs", "ntfs"] {
         assert!(
             fin.serial.contains(&format!("FS-0-OK-{fs}")),
             "mkfs/mount of {fs} failed in the rescue system:\n{}",
@@ -311,4 +312,9 @@ fn shell_boots_with_tools_and_drivers() {
         );
     }
     assert!(out.contains("cairn "), "no cairn --version output:\n{out}");
+    // `cairn disks` works without udev and shows the scratch disk by its serial.
+    assert!(
+        out.contains("vda") && out.contains("scratch"),
+        "cairn disks does not list vda (serial scratch):\n{out}"
+    );
 }
