@@ -152,7 +152,8 @@ pub enum Boot {
     KernelInitrd,
     /// The ISO as an IDE CD-ROM, i440FX machine, SeaBIOS, GRUB's default entry.
     IsoBiosCdrom,
-    /// The ISO written to a USB stick (usb-storage on xHCI), q35 machine, OVMF (UEFI), GRUB.
+    /// The ISO written to a USB stick (usb-storage on xHCI), q35 machine, OVMF (UEFI) with Secure
+    /// Boot on and Microsoft's keys: shim, Debian's signed GRUB and kernel.
     IsoUefiUsb,
 }
 
@@ -225,7 +226,8 @@ impl Vm {
             }
             Boot::IsoUefiUsb => {
                 let (code, vars) = ovmf(&self.workdir);
-                c.args(["-machine", "q35"]);
+                c.args(["-machine", "q35,smm=on"]);
+                c.args(["-global", "driver=cfi.pflash01,property=secure,value=on"]);
                 c.arg("-drive").arg(format!(
                     "if=pflash,format=raw,unit=0,readonly=on,file={}",
                     code.display()
@@ -299,14 +301,16 @@ impl Vm {
 
 /// OVMF (UEFI firmware for qemu): the code, and a private copy of the variable store.
 fn ovmf(workdir: &Path) -> (PathBuf, PathBuf) {
+    // Secure Boot firmware (needs SMM) and a variable store with Microsoft's keys enrolled and Secure
+    // Boot on: the state of a PC as shipped.
     let pairs = [
         (
-            "/usr/share/OVMF/OVMF_CODE_4M.fd",
-            "/usr/share/OVMF/OVMF_VARS_4M.fd",
+            "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd",
+            "/usr/share/OVMF/OVMF_VARS_4M.ms.fd",
         ),
         (
-            "/usr/share/OVMF/OVMF_CODE.fd",
-            "/usr/share/OVMF/OVMF_VARS.fd",
+            "/usr/share/OVMF/OVMF_CODE.secboot.fd",
+            "/usr/share/OVMF/OVMF_VARS.ms.fd",
         ),
     ];
     for (code, vars) in pairs {
@@ -317,8 +321,9 @@ fn ovmf(workdir: &Path) -> (PathBuf, PathBuf) {
         }
     }
     panic!(
-        "precondition missing: UEFI firmware for qemu (/usr/share/OVMF/OVMF_CODE_4M.fd) not found; \
-         install it with `apt-get install ovmf` (.ci/run does), or set {SKIP_ENV}=1"
+        "precondition missing: Secure Boot UEFI firmware for qemu \
+         (/usr/share/OVMF/OVMF_CODE_4M.secboot.fd, OVMF_VARS_4M.ms.fd) not found; install it with \
+         `apt-get install ovmf` (.ci/run does), or set {SKIP_ENV}=1"
     )
 }
 

@@ -123,7 +123,18 @@ fn backup_restore_via(boot: Boot, test: &str) {
     let dst = dir.join("target.img");
     let dst_size = 96 * MIB;
     blank(&dst, dst_size);
-    let run = cairnrun_disk(dir, BACKUP_RESTORE);
+    let mut script = String::new();
+    let mut steps: Vec<&str> = Vec::new();
+    if boot == Boot::IsoUefiUsb {
+        script.push_str(
+            "step secure-boot sh -c 'dmesg | grep \"secureboot: Secure boot enabled\"'\n\
+             note lockdown cat /sys/kernel/security/lockdown\n",
+        );
+        steps.push("secure-boot");
+    }
+    script.push_str(BACKUP_RESTORE);
+    steps.extend(BACKUP_RESTORE_STEPS);
+    let run = cairnrun_disk(dir, &script);
 
     let vm = Vm::new(boot, &dir.join("vm"))
         .disk(&src.path, "src")
@@ -138,7 +149,7 @@ fn backup_restore_via(boot: Boot, test: &str) {
 
     // What the guest did, step by step.
     let ar = Autorun::read(&run, &dir.join("cairnrun"), &finished);
-    ar.assert_ok(BACKUP_RESTORE_STEPS);
+    ar.assert_ok(&steps);
     let b = ar.json("backup");
     assert_eq!(b["kind"], "full", "backup JSON: {b}");
     assert_eq!(b["source_size"], src.size, "backup JSON: {b}");
@@ -231,11 +242,14 @@ fn scenario2_iso_cdrom_bios_backup_restore() {
     );
 }
 
-/// Scenario 2, the other half of "hybrid": the ISO as a USB stick on a UEFI machine (q35: AHCI,
-/// xHCI, usb-storage).
+/// Scenario 2, the other half of "hybrid": the ISO as a USB stick on a UEFI machine with Secure Boot
+/// on (q35: AHCI, xHCI, usb-storage); the guest checks that its kernel saw Secure Boot enabled.
 #[test]
-fn scenario2_iso_usb_uefi_backup_restore() {
-    backup_restore_via(Boot::IsoUefiUsb, "scenario2_iso_usb_uefi_backup_restore");
+fn scenario2_iso_usb_uefi_secure_boot_backup_restore() {
+    backup_restore_via(
+        Boot::IsoUefiUsb,
+        "scenario2_iso_usb_uefi_secure_boot_backup_restore",
+    );
 }
 
 /// No CAIRNRUN disk: the rescue system boots to a shell on the serial console, with the banner, cairn
