@@ -372,3 +372,29 @@ fn check_modes(dir: &Path) {
         }
     }
 }
+
+/// Without io_uring (seccomp-confined or old kernels) cairn still reads and writes with O_DIRECT,
+/// through pread/pwrite.
+#[test]
+fn roundtrip_without_io_uring_keeps_o_direct() {
+    let t = tempdir();
+    let src = t.path().join("source.img");
+    let repo = t.path().join("repo");
+    let dst = t.path().join("restored.img");
+    write_mixed_file(&src, ODD_SIZE, 3);
+    let envs = [("CAIRN_IO", "no-uring")];
+    let (_, bout) = backup_env(s(&src), &repo, "mixed", &[], &envs);
+    assert!(
+        bout.stderr.contains("io_uring unavailable") && bout.stderr.contains("O_DIRECT"),
+        "{}",
+        bout.describe()
+    );
+    let rout = cairn_env(&["restore", s(&repo), s(&dst), "--json"], &envs);
+    rout.ok();
+    assert!(rout.stderr.contains("O_DIRECT"), "{}", rout.describe());
+    assert_eq!(
+        hash_path(&dst),
+        hash_path(&src),
+        "restored bytes differ from source"
+    );
+}

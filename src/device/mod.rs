@@ -369,8 +369,9 @@ fn swap_devnos() -> Vec<(u32, u32)> {
         .collect()
 }
 
-/// How to do I/O: the environment variable CAIRN_IO=sync forces the fallback (for tests and for
-/// systems where io_uring misbehaves).
+/// How to do I/O: the environment variable CAIRN_IO=sync forces buffered pread/pwrite, and
+/// CAIRN_IO=no-uring pread/pwrite with O_DIRECT (for tests, and for systems where io_uring
+/// misbehaves).
 fn forced_sync() -> bool {
     std::env::var("CAIRN_IO").is_ok_and(|v| v == "sync")
 }
@@ -436,7 +437,7 @@ pub fn open(
         Some("CAIRN_IO=sync".to_string())
     } else {
         match base(true) {
-            Ok(file) => match uring::UringQueue::new(file.as_raw_fd(), depth, buffers) {
+            Ok(file) => match uring_unless_disabled(file.as_raw_fd(), depth, buffers) {
                 Ok(q) => {
                     tracing::debug!("{}: {}", path.display(), q.describe());
                     return Ok(Handle {
@@ -445,7 +446,21 @@ pub fn open(
                         direct: true,
                     });
                 }
-                Err(e) => Some(format!("io_uring unavailable: {e}")),
+                Err(e) => {
+                    // Still O_DIRECT: a buffered read of a whole disk can return pages cached
+                    // before a write through one of its partitions (separate page caches).
+                    tracing::warn!(
+                        "{}: io_uring unavailable ({e}); using pread/pwrite with O_DIRECT",
+                        path.display()
+                    );
+                    let why = format!("io_uring unavailable: {e}");
+                    let q = sync::SyncQueue::new(file.as_raw_fd(), depth, why);
+                    return Ok(Handle {
+                        queue: with_faults(Box::new(q), access),
+                        file,
+                        direct: true,
+                    });
+                }
             },
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 Some(format!("O_DIRECT refused by {}", fs_name(path)))
@@ -465,6 +480,18 @@ pub fn open(
         file,
         direct: false,
     })
+}
+
+/// CAIRN_IO=no-uring behaves as if io_uring were unavailable (the seccomp case), for tests.
+fn uring_unless_disabled(
+    fd: std::os::fd::RawFd,
+    depth: usize,
+    buffers: &[AlignedBuf],
+) -> std::io::Result<uring::UringQueue> {
+    if std::env::var("CAIRN_IO").is_ok_and(|v| v == "no-uring") {
+        return Err(std::io::Error::from_raw_os_error(libc::ENOSYS));
+    }
+    uring::UringQueue::new(fd, depth, buffers)
 }
 
 /// Reads see injected errors when CAIRN_FAULT_READ is set (see fault.rs).

@@ -1,4 +1,5 @@
-//! The fallback backend: buffered pread/pwrite, one transfer at a time, in submission order.
+//! The fallback backend: pread/pwrite, one transfer at a time, in submission order — with O_DIRECT
+//! when io_uring alone is unavailable, buffered when O_DIRECT is refused or CAIRN_IO=sync.
 
 use super::queue::{transfer_blocking, validate, Completion, IoQueue, Request};
 use std::collections::VecDeque;
@@ -65,6 +66,6 @@ impl IoQueue for SyncQueue {
     }
 
     fn describe(&self) -> String {
-        format!("buffered pread/pwrite ({})", self.why)
+        format!("pread/pwrite ({})", self.why)
     }
 }
