@@ -8,6 +8,7 @@
 //! failure; CAIRN_VM_KEEP=1 keeps the directory (path printed).
 
 mod disks;
+mod failing;
 mod harness;
 mod scenario3;
 
