@@ -73,8 +73,17 @@ pub struct BackupReport {
 }
 
 /// Buffers in circulation: queue depth plus room for the workers and the writer's reorder window.
-const QUEUE_DEPTH: usize = 8;
-const POOL_BUFFERS: usize = 16;
+const QUEUE_DEPTH: usize = 16;
+const POOL_BUFFERS: usize = 24;
+
+/// Reads in flight and buffers for a backup reading `work`: scattered small extents (a tracked
+/// incremental) need many reads in flight to keep the device busy; whole blocks need fewer.
+fn io_shape(work: &Work) -> (usize, usize) {
+    match work {
+        Work::Extents(_) => (32, 40),
+        _ => (QUEUE_DEPTH, POOL_BUFFERS),
+    }
+}
 
 pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     let started = Instant::now();
@@ -193,14 +202,9 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     };
     let to_read = work.bytes(info.size);
 
-    let buffers = device::buf::pool(POOL_BUFFERS, block_size as usize);
-    let handle = device::open(
-        &opts.source,
-        Access::Read,
-        info.is_block(),
-        QUEUE_DEPTH,
-        &buffers,
-    )?;
+    let (depth, pool) = io_shape(&work);
+    let buffers = device::buf::pool(pool, block_size as usize);
+    let handle = device::open(&opts.source, Access::Read, info.is_block(), depth, &buffers)?;
     let io = handle.queue.describe();
     tracing::info!(
         "{} backup ({}) of {} ({} bytes) to {} as {id} [{io}]",
