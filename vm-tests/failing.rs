@@ -1,8 +1,8 @@
-//! A failing disk, in the guest: device-mapper's `error` target over the source disk makes two
-//! small ranges unreadable. `cairn backup` must narrow the read errors down to those sectors, store
-//! them as zeros, finish and exit 3; `cairn badmap` lists exactly those ranges, `cairn verify`
-//! calls the image intact-with-bad-sectors, and a restore gives back the source with the two
-//! ranges zeroed (checked on the host, byte for byte).
+//! A failing disk, in the guest: device-mapper's `error` (or an always-down `flakey`) target over
+//! the source disk makes two small ranges unreadable. `cairn backup` must narrow the read errors
+//! down to those sectors, store them as zeros, finish and exit 3; `cairn badmap` lists exactly
+//! those ranges, `cairn verify` calls the image intact-with-bad-sectors, and a restore gives back
+//! the source with the two ranges zeroed (checked on the host, byte for byte).
 
 use crate::disks::*;
 use crate::harness::*;
@@ -12,8 +12,9 @@ const SRC_SIZE: u64 = 64 * MIB;
 /// The unreadable ranges, in 512-byte sectors: (start, count).
 const ERROR_SECTORS: [(u64, u64); 2] = [(20480, 8), (65536, 8)];
 
-/// A dm table mapping the source linearly except `ERROR_SECTORS`, which map to `error`.
-fn dm_table() -> String {
+/// A dm table mapping the source linearly except `ERROR_SECTORS`, which map to the segment
+/// `bad(start, count)` returns (target and arguments, without the leading `<start> <len>`).
+fn dm_table(bad: impl Fn(u64, u64) -> String) -> String {
     let total = SRC_SIZE / 512;
     let mut table = String::new();
     let mut at = 0;
@@ -21,7 +22,7 @@ fn dm_table() -> String {
         if start > at {
             table.push_str(&format!("{at} {} linear $SRC {at}\\n", start - at));
         }
-        table.push_str(&format!("{start} {count} error\\n"));
+        table.push_str(&format!("{start} {count} {}\\n", bad(start, count)));
         at = start + count;
     }
     if at < total {
@@ -32,7 +33,24 @@ fn dm_table() -> String {
 
 #[test]
 fn failing_disk_dm_error_backup_restore() {
-    let test = "failing_disk_dm_error_backup_restore";
+    failing_disk_backup_restore("failing_disk_dm_error_backup_restore", |_, _| {
+        "error".to_string()
+    });
+}
+
+/// The same with device-mapper's `flakey` target, permanently in its down interval (up 0 s, down
+/// 1 s). Without features a down flakey device fails every read and write (Linux 6.1; the
+/// `error_reads` feature only exists from 6.5 on and older kernels reject it).
+#[test]
+fn failing_disk_dm_flakey_backup_restore() {
+    failing_disk_backup_restore("failing_disk_dm_flakey_backup_restore", |start, _| {
+        format!("flakey $SRC {start} 0 1")
+    });
+}
+
+/// Boots the rescue image with a dm device over the source whose `ERROR_SECTORS` map to the
+/// segments `bad` gives, runs backup, badmap, verify and restore there and checks the results.
+fn failing_disk_backup_restore(test: &str, bad: impl Fn(u64, u64) -> String) {
     if skip_vm(test) {
         return;
     }
@@ -65,7 +83,7 @@ step restore cairn restore /mnt/usb/repo "$DST" --yes
 step umount-repo umount /mnt/usb
 step dm-remove dmsetup remove --noudevsync flaky
 "#,
-        table = dm_table()
+        table = dm_table(bad)
     );
     let run = cairnrun_disk(dir, &body);
     let vm = Vm::new(Boot::KernelInitrd, &dir.join("vm"))
