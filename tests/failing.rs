@@ -124,21 +124,7 @@ fn failing_block_device_is_narrowed_to_its_logical_sectors() {
     for sector in [512u64, 4096] {
         let file = w.join(format!("disk-{sector}.img"));
         write_random_file(&file, 16 * MIB, sector);
-        let losetup = require_tool("losetup", "util-linux");
-        let o = run_tool(
-            &losetup,
-            &[
-                "--find",
-                "--show",
-                "--sector-size",
-                &sector.to_string(),
-                s(&file),
-            ],
-        );
-        let dev = LoopDev {
-            dev: String::from_utf8_lossy(&o.stdout).trim().to_string(),
-            backing: file.clone(),
-        };
+        let dev = common::gpt::attach_with_sector_size(&file, sector as u32);
         let repo = w.join(format!("repo-{sector}"));
         // One byte unreadable: the whole logical sector around it is lost, nothing more.
         let out = backup_failing(&dev.dev, &repo, &format!("{}:1", 7 * MIB + 100), &[]);
