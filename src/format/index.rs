@@ -221,6 +221,11 @@ fn validate_entry(e: &Entry, geo: &Geometry, prev_end: u64) -> Result<(), String
             if e.kind == EntryKind::Raw && e.stored_length != e.length {
                 return Err("raw extent whose stored length differs from its length".into());
             }
+            // cairn stores a zstd frame only when it is smaller than the plaintext; this also
+            // bounds every allocation made for reading a payload by the block size.
+            if e.kind == EntryKind::Zstd && e.stored_length >= e.length {
+                return Err("zstd extent not smaller than its plaintext".into());
+            }
         }
     }
     Ok(())
