@@ -20,7 +20,10 @@ compressed, checksummed images, and restores them byte for byte onto the same or
 Examples:\n  cairn backup /dev/sda /mnt/usb/backups          image a whole disk\n  \
 cairn list /mnt/usb/backups                     show the images\n  \
 cairn verify /mnt/usb/backups                   check every stored block\n  \
-cairn restore /mnt/usb/backups /dev/sdb         write the newest image onto /dev/sdb",
+cairn restore /mnt/usb/backups /dev/sdb         write the newest image onto /dev/sdb\n\n\
+The first backup of a disk is full; later ones are incremental (--differential: since the full).\n\
+Run `cairn tracker run /dev/sda` (at boot: tools/cairn-tracker.service) so they read only what\n\
+changed; without it they compare-scan (read everything, store what differs).",
     after_help = "Exit status: 0 success, 1 error (one line on stderr says what and what to do), 2 usage error, \
 3 backup complete but some source sectors were unreadable (stored as zeros; see `cairn badmap`)."
 )]
