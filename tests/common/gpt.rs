@@ -87,28 +87,7 @@ pub fn hash_range(path: &Path, offset: u64, len: u64) -> String {
 
 /// Attach `file` as a loop device with the given logical sector size (512 or 4096).
 pub fn attach_with_sector_size(file: &Path, sector_size: u32) -> LoopDev {
-    require_root();
-    let losetup = require_tool("losetup", "util-linux");
-    let o = run_tool(
-        &losetup,
-        &[
-            "--find",
-            "--show",
-            "-P",
-            "--sector-size",
-            &sector_size.to_string(),
-            s(file),
-        ],
-    );
-    let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
-    assert!(
-        dev.starts_with("/dev/loop"),
-        "losetup printed an unexpected device name: {dev:?}"
-    );
-    LoopDev {
-        dev,
-        backing: file.to_path_buf(),
-    }
+    LoopDev::attach_with(file, &["--sector-size", &sector_size.to_string()])
 }
 
 /// The logical sector size the kernel reports for a device.

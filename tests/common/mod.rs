@@ -793,9 +793,17 @@ pub struct LoopDev {
 
 impl LoopDev {
     pub fn attach(file: &Path) -> LoopDev {
+        LoopDev::attach_with(file, &[])
+    }
+
+    /// `losetup --find --show -P [extra...] FILE`.
+    pub fn attach_with(file: &Path, extra: &[&str]) -> LoopDev {
         require_root();
         let losetup = require_tool("losetup", "util-linux");
-        let o = run_tool(&losetup, &["--find", "--show", "-P", s(file)]);
+        let mut args = vec!["--find", "--show", "-P"];
+        args.extend_from_slice(extra);
+        args.push(s(file));
+        let o = run_tool(&losetup, &args);
         let dev = String::from_utf8_lossy(&o.stdout).trim().to_string();
         assert!(
             dev.starts_with("/dev/loop"),
