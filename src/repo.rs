@@ -3,8 +3,8 @@
 
 use crate::format::frame::{image_tag, Codec};
 use crate::format::{
-    self, hash_hex, parse_hash_hex, segment_file_name, Entry, FormatError, FrameHeader, Index,
-    Manifest, SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
+    self, parse_hash_hex, segment_file_name, Entry, FormatError, FrameHeader, Index, Manifest,
+    SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::{self, File, OpenOptions};
@@ -635,8 +635,4 @@ pub fn decode_checked(
         );
     }
     Ok(())
-}
-
-pub fn manifest_hash_hex(h: &format::Hash) -> String {
-    hash_hex(h)
 }

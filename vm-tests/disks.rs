@@ -335,34 +335,27 @@ pub fn ext4_tree(image: &Path, dir: &str, dest: &Path) -> PathBuf {
 
 /// `e2fsck -fn` (forced full check, no changes) exits 0.
 pub fn e2fsck_clean(image: &Path) -> Result<(), String> {
-    let o = Command::new(require_tool("e2fsck", "e2fsprogs"))
-        .args(["-f", "-n", s(image)])
-        .output()
-        .unwrap();
-    if o.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "e2fsck -fn {} exited {}:\n{}{}",
-            image.display(),
-            o.status,
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        ))
-    }
+    fsck_clean("e2fsck", "e2fsprogs", &["-f", "-n"], image)
 }
 
 /// `fsck.vfat -n` exits 0.
 pub fn fsck_vfat_clean(image: &Path) -> Result<(), String> {
-    let o = Command::new(require_tool("fsck.vfat", "dosfstools"))
-        .args(["-n", s(image)])
+    fsck_clean("fsck.vfat", "dosfstools", &["-n"], image)
+}
+
+/// Runs a read-only filesystem check on `image`; Err carries its exit status and output.
+fn fsck_clean(tool: &str, package: &str, args: &[&str], image: &Path) -> Result<(), String> {
+    let o = Command::new(require_tool(tool, package))
+        .args(args)
+        .arg(s(image))
         .output()
         .unwrap();
     if o.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "fsck.vfat -n {} exited {}:\n{}{}",
+            "{tool} {} {} exited {}:\n{}{}",
+            args.join(" "),
             image.display(),
             o.status,
             String::from_utf8_lossy(&o.stdout),
