@@ -1,9 +1,11 @@
 //! Which images a restore point needs, and which image supplies each part of the source.
 //!
 //! A restore point is an image plus its ancestors back to the full image (for a differential: the
-//! full only). Per granule, the newest image of the chain that has an entry wins; a full image's
-//! uncovered regions are zero. The plan is produced block by block in ascending order, so restore
-//! writes every block exactly once.
+//! full only). Per byte, the newest image of the chain that holds it wins; a region outside an
+//! image's source size is zero from that image on; a full image's uncovered regions are zero. The
+//! plan is produced block by block in ascending order, so restore writes every block exactly once.
+//! Every reader of a restore point (restore, `restore --verify`, verify, a compare-scan's base)
+//! takes its plan from here.
 
 use crate::format::{EntryKind, ImageKind};
 use crate::repo::{Image, Repository};
@@ -73,13 +75,18 @@ pub struct Piece {
 }
 
 /// Walks the chain block by block.
+///
+/// Ownership of each byte of a block is decided newest image first. An image claims what its
+/// entries cover, and then everything at or past its own source size: a region that lay outside
+/// the source when that image was taken reads as zero from that image on, unless a later image
+/// stores it (a chain that shrank and grew again must not resurrect an older image's bytes).
+/// Whatever no image claims is zero (a full image leaves all-zero blocks out).
 pub struct Planner<'a> {
     chain: &'a [Image],
     cursors: Vec<usize>,
     block: u64,
     blocks: u64,
     block_size: u64,
-    granule: u64,
     size: u64,
 }
 
@@ -94,13 +101,44 @@ impl<'a> Planner<'a> {
             block: 0,
             blocks: m.source.size.div_ceil(block_size),
             block_size,
-            granule: u64::from(m.granule),
             size: m.source.size,
         }
     }
 
     pub fn blocks(&self) -> u64 {
         self.blocks
+    }
+}
+
+/// The parts of one block that no newer image has claimed yet, ascending and disjoint.
+struct Unclaimed(Vec<(u64, u64)>);
+
+impl Unclaimed {
+    /// Claims whatever of `[from, to)` is still unclaimed for `source`.
+    fn claim(&mut self, from: u64, to: u64, source: Source, out: &mut Vec<Piece>) {
+        if from >= to {
+            return;
+        }
+        let mut rest = Vec::with_capacity(self.0.len() + 1);
+        for &(s, e) in &self.0 {
+            let (cs, ce) = (s.max(from), e.min(to));
+            if cs >= ce {
+                rest.push((s, e));
+                continue;
+            }
+            out.push(Piece {
+                offset: cs,
+                len: ce - cs,
+                source,
+            });
+            if s < cs {
+                rest.push((s, cs));
+            }
+            if ce < e {
+                rest.push((ce, e));
+            }
+        }
+        self.0 = rest;
     }
 }
 
@@ -115,43 +153,44 @@ impl Iterator for Planner<'_> {
         let start = self.block * self.block_size;
         let end = (start + self.block_size).min(self.size);
         self.block += 1;
-        let ngran = (end - start).div_ceil(self.granule) as usize;
-        let mut owner: Vec<Option<Source>> = vec![None; ngran];
-        // Newest image first: the first owner of a granule wins.
+        let mut unclaimed = Unclaimed(vec![(start, end)]);
+        let mut pieces: Vec<Piece> = Vec::new();
         for ci in (0..self.chain.len()).rev() {
             let entries = &self.chain[ci].index.entries;
             let cur = &mut self.cursors[ci];
+            // Entries are sorted and lie inside one block each, so a cursor per image suffices.
             while *cur < entries.len() && entries[*cur].offset < end {
                 let e = &entries[*cur];
-                // (After a shrink, an older entry may reach past the new end: it is cut there.)
-                let src = if e.kind == EntryKind::Zero {
+                let source = if e.kind == EntryKind::Zero {
                     Source::Zero
                 } else {
                     Source::Entry(ci, *cur)
                 };
-                let g0 = ((e.offset - start) / self.granule) as usize;
-                let g1 = ((e.end() - start).div_ceil(self.granule) as usize).min(ngran);
-                for o in &mut owner[g0..g1] {
-                    o.get_or_insert(src);
-                }
+                unclaimed.claim(e.offset.max(start), e.end().min(end), source, &mut pieces);
                 *cur += 1;
             }
-        }
-        let mut pieces: Vec<Piece> = Vec::new();
-        for (g, o) in owner.into_iter().enumerate() {
-            let source = o.unwrap_or(Source::Zero);
-            let off = start + g as u64 * self.granule;
-            let len = (end - off).min(self.granule);
-            match pieces.last_mut() {
-                Some(p) if p.source == source => p.len += len,
-                _ => pieces.push(Piece {
-                    offset: off,
-                    len,
-                    source,
-                }),
+            let outside = self.chain[ci].manifest.source.size;
+            unclaimed.claim(outside.max(start), end, Source::Zero, &mut pieces);
+            if unclaimed.0.is_empty() {
+                break;
             }
         }
-        Some(pieces)
+        for (s, e) in std::mem::take(&mut unclaimed.0) {
+            pieces.push(Piece {
+                offset: s,
+                len: e - s,
+                source: Source::Zero,
+            });
+        }
+        pieces.sort_by_key(|p| p.offset);
+        let mut merged: Vec<Piece> = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            match merged.last_mut() {
+                Some(m) if m.source == p.source && m.offset + m.len == p.offset => m.len += p.len,
+                _ => merged.push(p),
+            }
+        }
+        Some(merged)
     }
 }
 
