@@ -64,33 +64,40 @@ pub fn run(
         }
         (None, None) => repo.image_ids()?,
     };
-    // Check each image once, including ancestors the selected ones depend on.
-    let mut checked: HashMap<String, (bool, Option<String>)> = HashMap::new();
+    // Check each image once, including ancestors the selected ones depend on. Whether a point is
+    // restorable is decided by the same chain resolution restore uses (manifests present, parent
+    // hashes, block geometry), so verify and restore cannot disagree.
+    let mut checked: HashMap<String, bool> = HashMap::new();
     let mut images = Vec::new();
     for id in &selected {
-        let Checked { mut status, parent } = check_image(repo, id, progress);
-        checked.insert(id.clone(), (intact(status.status), parent.clone()));
-        let mut chain_ok = intact(status.status);
-        let mut next = parent;
-        let mut hops = 0;
-        while let (true, Some(p)) = (chain_ok, next.take()) {
-            hops += 1;
-            if hops > 100_000 {
-                chain_ok = false;
-                break;
-            }
-            if !checked.contains_key(&p) {
-                let c = check_image(repo, &p, progress);
-                checked.insert(p.clone(), (intact(c.status.status), c.parent));
-            }
-            let (ok, grandparent) = checked[&p].clone();
-            if !ok {
-                status.errors.push(format!("depends on damaged image {p}"));
-            }
-            chain_ok = ok;
-            next = grandparent;
+        let mut status = check_image(repo, id, progress);
+        checked.insert(id.clone(), intact(status.status));
+        status.restorable = intact(status.status);
+        if !status.restorable {
+            images.push(status);
+            continue;
         }
-        status.restorable = chain_ok;
+        match crate::chain::resolve(repo, id) {
+            Err(e) => {
+                status.restorable = false;
+                status.errors.push(format!("not restorable: {e:#}"));
+            }
+            Ok(chain) => {
+                for ancestor in chain.iter().rev().skip(1) {
+                    let aid = ancestor.id().to_string();
+                    let ok = *checked
+                        .entry(aid.clone())
+                        .or_insert_with(|| intact(check_image(repo, &aid, progress).status));
+                    if !ok {
+                        status.restorable = false;
+                        status
+                            .errors
+                            .push(format!("depends on damaged image {aid}"));
+                        break;
+                    }
+                }
+            }
+        }
         images.push(status);
     }
     let ok = images.iter().all(|i| intact(i.status) && i.restorable);
@@ -101,12 +108,7 @@ pub fn intact(status: &str) -> bool {
     status == "ok" || status == "intact-with-bad-sectors"
 }
 
-struct Checked {
-    status: ImageStatus,
-    parent: Option<String>,
-}
-
-fn check_image(repo: &Repository, id: &str, progress: &Progress) -> Checked {
+fn check_image(repo: &Repository, id: &str, progress: &Progress) -> ImageStatus {
     let mut st = ImageStatus {
         id: id.to_string(),
         name: None,
@@ -121,15 +123,11 @@ fn check_image(repo: &Repository, id: &str, progress: &Progress) -> Checked {
         Err(e) => {
             st.status = "damaged";
             st.errors.push(format!("{e:#}"));
-            return Checked {
-                status: st,
-                parent: None,
-            };
+            return st;
         }
     };
     st.name = Some(img.manifest.name.clone());
     st.kind = Some(img.manifest.kind.as_str());
-    let parent = img.manifest.parent.as_ref().map(|p| p.id.clone());
     let total: u64 = img.manifest.segments.iter().map(|s| s.size).sum();
     progress.start(total, &format!("verifying {id}"));
     for seg in &img.manifest.segments {
@@ -148,7 +146,7 @@ fn check_image(repo: &Repository, id: &str, progress: &Progress) -> Checked {
     } else if !img.manifest.bad_ranges.is_empty() {
         st.status = "intact-with-bad-sectors";
     }
-    Checked { status: st, parent }
+    st
 }
 
 /// Streams one segment front to back: every byte must belong to the header or to a frame the

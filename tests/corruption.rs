@@ -284,3 +284,58 @@ fn damage_is_isolated_to_its_image() {
     restore(&f.repo, s(&dst), &["--name", "healthy"]);
     assert_same_content(&other_src, &dst);
 }
+
+/// A parent whose manifest was replaced by another valid one (its hash no longer matches what
+/// the child recorded): restore refuses the child, and verify must say the same — before, verify
+/// walked parent ids only and called the child restorable.
+#[test]
+fn replaced_parent_makes_verify_and_restore_agree() {
+    let f = Fixture::new(31);
+    let full = f.id.clone();
+    write_mixed_file(&f.src, 12 * MIB + 4321, 32);
+    let inc = id_of(&backup(
+        s(&f.src),
+        &f.repo,
+        "victim",
+        &["--segment-size", "4M"],
+    ));
+    // Rewrite the full's manifest as another valid manifest: same content, new header hash.
+    let path = image_dir(&f.repo, &full).join("manifest");
+    let bytes = fs::read(&path).unwrap();
+    let nl = bytes.iter().position(|&c| c == b'\n').unwrap();
+    let header = std::str::from_utf8(&bytes[..nl]).unwrap();
+    let mut body: serde_json::Value = serde_json::from_slice(&bytes[nl + 1..]).unwrap();
+    body["tool_version"] = serde_json::Value::String("cairn (replaced)".into());
+    let body = serde_json::to_vec_pretty(&body).unwrap();
+    let prefix = &header[..header.find("blake3=").unwrap()];
+    let mut out = format!("{prefix}blake3={}\n", blake3::hash(&body).to_hex()).into_bytes();
+    out.extend_from_slice(&body);
+    fs::write(&path, out).unwrap();
+
+    let j = cairn(&["verify", s(&f.repo), "--json"]).json();
+    let status = |id: &str| {
+        j["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["id"] == id)
+            .unwrap_or_else(|| panic!("{id} missing from verify: {j}"))
+            .clone()
+    };
+    assert_eq!(status(&full)["restorable"], true, "{j}");
+    let child = status(&inc);
+    assert_eq!(child["restorable"], false, "{j}");
+    assert!(
+        child["errors"].to_string().contains("replaced"),
+        "the reason names the replaced parent: {child}"
+    );
+    assert_eq!(j["ok"], false, "{j}");
+    let target = f.target("out.img");
+    let r = cairn(&["restore", s(&f.repo), s(&target), "--image", &inc, "--yes"]);
+    r.failed();
+    r.assert_mentions("replaced");
+    assert!(
+        !target.exists(),
+        "a refused restore must not create the target"
+    );
+}
