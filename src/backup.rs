@@ -783,7 +783,7 @@ fn block_stage(
         match &u.expected {
             None => outs.push(stage_extent(&mut compressor, data, 0, u.offset)),
             Some(pieces) => {
-                for (start, end) in comparer.changed_ranges(data, u.offset, pieces) {
+                for (start, end) in comparer.changed_ranges(data, u.offset, pieces)? {
                     outs.push(stage_extent(
                         &mut compressor,
                         &data[start..end],
@@ -862,12 +862,7 @@ fn fit_pieces(mut pieces: Vec<Piece>, offset: u64, len: u64) -> Vec<Piece> {
 struct Comparer<'a> {
     base: &'a [Image],
     granule: usize,
-    readers: Vec<crate::repo::SegmentReader>,
-    dctx: zstd::bulk::Decompressor<'static>,
-    payload: Vec<u8>,
-    /// The plaintext of the last entry decoded, and which one it is.
-    old: Vec<u8>,
-    old_entry: Option<(usize, usize)>,
+    dec: crate::reader::BlockDecoder<'a>,
 }
 
 impl<'a> Comparer<'a> {
@@ -875,45 +870,23 @@ impl<'a> Comparer<'a> {
         Ok(Comparer {
             base,
             granule: granule.max(512),
-            readers: base.iter().map(Image::segment_reader).collect(),
-            dctx: zstd::bulk::Decompressor::new().context("zstd init")?,
-            payload: Vec::new(),
-            old: Vec::new(),
-            old_entry: None,
+            dec: crate::reader::BlockDecoder::new(base)?,
         })
-    }
-
-    /// The checked plaintext of entry `ei` of chain image `ci`.
-    fn entry(&mut self, ci: usize, ei: usize) -> Result<&[u8]> {
-        if self.old_entry != Some((ci, ei)) {
-            self.old_entry = None;
-            let e = &self.base[ci].index.entries[ei];
-            let codec = self.readers[ci].read_payload(e, &mut self.payload)?;
-            self.old.resize(e.length as usize, 0);
-            crate::repo::decode_checked(
-                self.base[ci].id(),
-                e,
-                codec,
-                &self.payload,
-                &mut self.dctx,
-                &mut self.old,
-            )?;
-            self.old_entry = Some((ci, ei));
-        }
-        Ok(&self.old)
     }
 
     /// The byte ranges of `data` (a block read at `offset`) that differ from what the base chain
     /// holds there, at granule resolution. A piece that is one whole entry of the chain and hashes
     /// to its hash is unchanged without further work; otherwise the chain's data is decoded and
     /// compared granule by granule, so a 4 KiB write costs 4 KiB of image, not its 1 MiB block.
-    /// If the chain's data cannot be read, the piece counts as changed (stored again).
+    /// Where the chain's stored data is damaged the piece counts as changed and is stored again
+    /// (the new image then no longer needs the damaged block); any other failure to read the
+    /// chain (no descriptors left, an I/O error on the repository's disk) fails the backup.
     fn changed_ranges(
         &mut self,
         data: &[u8],
         offset: u64,
         pieces: &[Piece],
-    ) -> Vec<(usize, usize)> {
+    ) -> Result<Vec<(usize, usize)>> {
         let mut out: Vec<(usize, usize)> = Vec::new();
         let g = self.granule;
         let mut mark = |from: usize, to: usize| match out.last_mut() {
@@ -939,7 +912,7 @@ impl<'a> Comparer<'a> {
                         continue;
                     }
                     let skip = (p.offset - e.offset) as usize;
-                    match self.entry(ci, ei) {
+                    match self.dec.entry(ci, ei) {
                         Ok(old) => {
                             let old = &old[skip..skip + slice.len()];
                             for (i, (a, b)) in slice.chunks(g).zip(old.chunks(g)).enumerate() {
@@ -948,15 +921,21 @@ impl<'a> Comparer<'a> {
                                 }
                             }
                         }
-                        Err(err) => {
-                            tracing::warn!("cannot compare with the parent chain ({err:#}); storing this part again");
+                        Err(err) if crate::reader::is_damage(&err) => {
+                            tracing::warn!("the parent chain is damaged here ({err:#}); storing this part again");
                             mark(from, to);
+                        }
+                        Err(err) => {
+                            return Err(err.context(format!(
+                                "cannot read the parent chain to compare the block at offset {}",
+                                p.offset
+                            )))
                         }
                     }
                 }
             }
         }
-        out
+        Ok(out)
     }
 }
 

@@ -204,7 +204,7 @@ pub fn precheck(
     range: (u64, u64),
     progress: &crate::progress::Progress,
 ) -> Result<()> {
-    let mut readers: Vec<_> = chain.iter().map(Image::segment_reader).collect();
+    let mut reader = crate::reader::ChainReader::new(chain);
     let mut seen: Vec<Vec<bool>> = chain
         .iter()
         .map(|i| vec![false; i.index.entries.len()])
@@ -222,7 +222,7 @@ pub fn precheck(
                     continue;
                 }
                 let e = &chain[ci].index.entries[ei];
-                readers[ci].read_payload(e, &mut payload)?;
+                reader.read_payload(ci, ei, &mut payload)?;
                 progress.advance(u64::from(e.stored_length));
             }
         }

@@ -12,6 +12,7 @@ pub mod format;
 pub mod list;
 pub mod progress;
 pub mod ptable;
+pub mod reader;
 pub mod repo;
 pub mod restore;
 pub mod tracker;

@@ -1,9 +1,9 @@
 //! The repository: directories, the lock, writing an image crash-safely, and reading images back
 //! with every byte checked (docs/format.md, "Repository").
 
-use crate::format::frame::{image_tag, Codec};
+use crate::format::frame::image_tag;
 use crate::format::{
-    self, parse_hash_hex, segment_file_name, Entry, FormatError, FrameHeader, Index, Manifest,
+    self, parse_hash_hex, segment_file_name, FormatError, FrameHeader, Index, Manifest,
     SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use anyhow::{anyhow, bail, Context, Result};
@@ -516,123 +516,4 @@ impl Image {
         }
         Ok(())
     }
-
-    pub fn segment_reader(&self) -> SegmentReader {
-        SegmentReader {
-            image_id: self.id().to_string(),
-            dir: self.dir.clone(),
-            tag: image_tag(self.id()),
-            open: Vec::new(),
-        }
-    }
-}
-
-/// Reads frames from an image's segments, checking header and payload crc against the index.
-pub struct SegmentReader {
-    image_id: String,
-    dir: PathBuf,
-    tag: [u8; 12],
-    open: Vec<Option<File>>,
-}
-
-impl SegmentReader {
-    fn segment(&mut self, n: u32) -> Result<&File> {
-        let i = n as usize;
-        if self.open.len() <= i {
-            self.open.resize_with(i + 1, || None);
-        }
-        if self.open[i].is_none() {
-            let name = segment_file_name(n);
-            let f = File::open(self.dir.join(&name))
-                .map_err(|e| anyhow!("image {}: cannot open {name}: {e}", self.image_id))?;
-            let mut h = [0u8; SEGMENT_HEADER_LEN];
-            f.read_exact_at(&mut h, 0).map_err(|e| {
-                anyhow!(
-                    "image {}, {name}, offset 0: cannot read segment header: {e}",
-                    self.image_id
-                )
-            })?;
-            let sh = SegmentHeader::decode(&h)
-                .map_err(|e| image_error(&self.image_id, &name, Some(0), e))?;
-            if sh.number != n || sh.image_tag != self.tag {
-                bail!(
-                    "image {}, {name}: segment belongs to another image or position",
-                    self.image_id
-                );
-            }
-            self.open[i] = Some(f);
-        }
-        Ok(self.open[i].as_ref().expect("opened"))
-    }
-
-    /// Reads the stored payload of `e` into `out`, checking the frame header against the entry and
-    /// the payload's crc. Returns the codec.
-    pub fn read_payload(&mut self, e: &Entry, out: &mut Vec<u8>) -> Result<Codec> {
-        let id = self.image_id.clone();
-        let name = segment_file_name(e.segment);
-        let at = e.segment_offset;
-        let f = self.segment(e.segment)?;
-        let mut hb = [0u8; FRAME_HEADER_LEN];
-        f.read_exact_at(&mut hb, at).map_err(|err| {
-            anyhow!("image {id}, {name}, offset {at}: cannot read frame header: {err}")
-        })?;
-        let h = FrameHeader::decode(&hb).map_err(|err| image_error(&id, &name, Some(at), err))?;
-        let codec = e
-            .kind
-            .codec()
-            .ok_or_else(|| anyhow!("zero extents have no payload"))?;
-        if h.codec != codec
-            || h.offset != e.offset
-            || h.length != e.length
-            || h.stored_length != e.stored_length
-            || h.crc != e.crc
-        {
-            bail!(
-                "image {id}, {name}, offset {at}: frame header does not match the index (block at source offset {})",
-                e.offset
-            );
-        }
-        out.clear();
-        out.resize(e.stored_length as usize, 0);
-        let pat = at + FRAME_HEADER_LEN as u64;
-        f.read_exact_at(out, pat).map_err(|err| {
-            anyhow!(
-                "image {id}, {name}, offset {pat}: cannot read {} payload bytes: {err}",
-                e.stored_length
-            )
-        })?;
-        if crc32fast::hash(out) != e.crc {
-            bail!(
-                "image {id}, {name}, offset {pat}: block at source offset {} is damaged (crc mismatch)",
-                e.offset
-            );
-        }
-        Ok(codec)
-    }
-
-    pub fn image_id(&self) -> &str {
-        &self.image_id
-    }
-}
-
-/// Decodes a checked payload and checks the plaintext's blake3 against the entry.
-pub fn decode_checked(
-    image_id: &str,
-    e: &Entry,
-    codec: Codec,
-    payload: &[u8],
-    dctx: &mut zstd::bulk::Decompressor<'_>,
-    out: &mut [u8],
-) -> Result<()> {
-    let name = segment_file_name(e.segment);
-    let at = e.segment_offset + FRAME_HEADER_LEN as u64;
-    format::frame::decode_payload(codec, payload, out, dctx)
-        .map_err(|err| image_error(image_id, &name, Some(at), err))?;
-    if blake3::hash(out).as_bytes() != &e.hash {
-        bail!(
-            "image {image_id}, {name}, offset {at}: block at source offset {} is damaged (hash mismatch)",
-            e.offset
-        );
-    }
-    Ok(())
 }

@@ -4,10 +4,9 @@
 
 use crate::chain::{self, Piece, Planner, Source};
 use crate::device::{self, buf::AlignedBuf, queue::Op, queue::Request, Access, DeviceInfo};
-use crate::format::frame::Codec;
-use crate::format::Entry;
 use crate::progress::Progress;
-use crate::repo::{decode_checked, Image, Repository, SegmentReader};
+use crate::reader::{self, BlockDecoder, ChainReader, Payload};
+use crate::repo::{Image, Repository};
 use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use serde::Serialize;
@@ -527,16 +526,13 @@ enum WriteOut {
     Data { len: u64 },
 }
 
-/// One entry's stored payload: (position in the chain, entry number, codec, bytes).
-type Payload = (usize, usize, Codec, Vec<u8>);
-
 /// A block's payloads, read from the segments and crc-checked.
 struct ReadJob {
     seq: u64,
     offset: u64,
     len: u64,
     pieces: Vec<Piece>,
-    payloads: Vec<(usize, usize, Codec, Vec<u8>)>,
+    payloads: Vec<Payload>,
 }
 
 enum Job {
@@ -624,7 +620,7 @@ fn read_jobs(
     tx: Sender<Job>,
     free: Receiver<AlignedBuf>,
 ) -> Result<()> {
-    let mut readers: Vec<SegmentReader> = chain.iter().map(Image::segment_reader).collect();
+    let mut reader = ChainReader::new(chain);
     let mut seq = 0u64;
     let mut zero_run: Option<(u64, u64)> = None;
     let planner = Planner::new(chain);
@@ -672,7 +668,7 @@ fn read_jobs(
             }
             seq += 1;
         }
-        let payloads = match read_payloads(chain, &mut readers, &pieces) {
+        let payloads = match reader.payloads(&pieces) {
             Ok(p) => p,
             Err(error) => {
                 let _ = tx.send(Job::Failed { seq, error });
@@ -724,9 +720,11 @@ fn decode_jobs(chain: &[Image], rx: Receiver<Job>, tx: Sender<Decoded>) -> Resul
             },
             Job::Data(j, mut buf) => {
                 let len = j.len as usize;
-                match assemble(
+                match reader::assemble(
                     chain,
-                    &j,
+                    j.offset,
+                    &j.pieces,
+                    &j.payloads,
                     &mut buf.as_mut_slice()[..len],
                     &mut dctx,
                     &mut scratch,
@@ -749,54 +747,6 @@ fn decode_jobs(chain: &[Image], rx: Receiver<Job>, tx: Sender<Decoded>) -> Resul
         if tx.send(out).is_err() {
             break;
         }
-    }
-    Ok(())
-}
-
-/// Builds one block's plaintext from its checked payloads. A block supplied whole by one entry (every
-/// block of a full image) is decoded straight into the write buffer.
-fn assemble(
-    chain: &[Image],
-    j: &ReadJob,
-    block: &mut [u8],
-    dctx: &mut zstd::bulk::Decompressor<'_>,
-    scratch: &mut Vec<u8>,
-) -> Result<()> {
-    // An entry that spans the whole block (the full image's, typically) is decoded straight into
-    // the block; every other entry is decoded once and only its pieces are copied over it.
-    let spans_block = |ci: usize, ei: usize| {
-        let e: &Entry = &chain[ci].index.entries[ei];
-        e.offset == j.offset && u64::from(e.length) == j.len
-    };
-    let base = j
-        .payloads
-        .iter()
-        .position(|(ci, ei, _, _)| spans_block(*ci, *ei));
-    if let Some(b) = base {
-        let (ci, ei, codec, payload) = &j.payloads[b];
-        let e: &Entry = &chain[*ci].index.entries[*ei];
-        decode_checked(chain[*ci].id(), e, *codec, payload, dctx, block)?;
-    }
-    for (i, (ci, ei, codec, payload)) in j.payloads.iter().enumerate() {
-        if Some(i) == base {
-            continue;
-        }
-        let e: &Entry = &chain[*ci].index.entries[*ei];
-        scratch.resize(e.length as usize, 0);
-        decode_checked(chain[*ci].id(), e, *codec, payload, dctx, scratch)?;
-        for p in j
-            .pieces
-            .iter()
-            .filter(|p| p.source == Source::Entry(*ci, *ei))
-        {
-            let rel = (p.offset - j.offset) as usize;
-            let from = (p.offset - e.offset) as usize;
-            block[rel..rel + p.len as usize].copy_from_slice(&scratch[from..from + p.len as usize]);
-        }
-    }
-    for p in j.pieces.iter().filter(|p| p.source == Source::Zero) {
-        let rel = (p.offset - j.offset) as usize;
-        block[rel..rel + p.len as usize].fill(0);
     }
     Ok(())
 }
@@ -894,83 +844,6 @@ fn write_jobs(
     Ok(())
 }
 
-/// Reads and crc-checks the payloads a block's pieces need (each entry once).
-fn read_payloads(
-    chain: &[Image],
-    readers: &mut [SegmentReader],
-    pieces: &[Piece],
-) -> Result<Vec<Payload>> {
-    let mut payloads: Vec<Payload> = Vec::new();
-    for p in pieces {
-        if let Source::Entry(ci, ei) = p.source {
-            if payloads.iter().any(|(c, e, _, _)| (*c, *e) == (ci, ei)) {
-                continue;
-            }
-            let entry = &chain[ci].index.entries[ei];
-            let mut payload = Vec::new();
-            let codec = readers[ci].read_payload(entry, &mut payload)?;
-            payloads.push((ci, ei, codec, payload));
-        }
-    }
-    Ok(payloads)
-}
-
-/// Decodes the plaintext of some pieces of one block (checked like a restore checks them).
-struct BlockDecoder<'a> {
-    chain: &'a [Image],
-    readers: Vec<SegmentReader>,
-    dctx: zstd::bulk::Decompressor<'static>,
-    scratch: Vec<u8>,
-}
-
-impl<'a> BlockDecoder<'a> {
-    fn new(chain: &'a [Image]) -> Result<Self> {
-        Ok(BlockDecoder {
-            chain,
-            readers: chain.iter().map(Image::segment_reader).collect(),
-            dctx: zstd::bulk::Decompressor::new().context("zstd init")?,
-            scratch: Vec::new(),
-        })
-    }
-
-    fn decode(&mut self, pieces: &[Piece]) -> Result<Vec<u8>> {
-        let payloads = read_payloads(self.chain, &mut self.readers, pieces)?;
-        let j = ReadJob {
-            seq: 0,
-            offset: pieces[0].offset,
-            len: pieces.iter().map(|p| p.len).sum(),
-            pieces: pieces.to_vec(),
-            payloads,
-        };
-        let mut block = vec![0u8; j.len as usize];
-        assemble(
-            self.chain,
-            &j,
-            &mut block,
-            &mut self.dctx,
-            &mut self.scratch,
-        )?;
-        Ok(block)
-    }
-
-    /// The whole plaintext of one entry.
-    fn entry(&mut self, ci: usize, ei: usize) -> Result<Vec<u8>> {
-        let e = &self.chain[ci].index.entries[ei];
-        let mut payload = Vec::new();
-        let codec = self.readers[ci].read_payload(e, &mut payload)?;
-        let mut out = vec![0u8; e.length as usize];
-        decode_checked(
-            self.chain[ci].id(),
-            e,
-            codec,
-            &payload,
-            &mut self.dctx,
-            &mut out,
-        )?;
-        Ok(out)
-    }
-}
-
 /// The restore point's bytes as a seekable stream (for the partition-table parsers). Decodes one
 /// block at a time; a seek far away replans from the start, which costs index walking only.
 struct ImageReader<'a> {
@@ -1002,7 +875,7 @@ impl std::io::Read for ImageReader<'_> {
         }
         let block = self.pos / self.block_size;
         if self.cache.as_ref().map(|c| c.0) != Some(block) {
-            let pieces = Planner::new(self.dec.chain)
+            let pieces = Planner::new(self.dec.chain())
                 .nth(block as usize)
                 .ok_or_else(|| std::io::Error::other("restore plan ended early"))?;
             let data = self

@@ -6,7 +6,8 @@ use crate::format::{
     segment_file_name, FrameHeader, SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use crate::progress::Progress;
-use crate::repo::{decode_checked, image_error, Image, Repository};
+use crate::reader::decode_checked;
+use crate::repo::{image_error, Image, Repository};
 use anyhow::{anyhow, Result};
 use serde::Serialize;
 use std::collections::HashMap;
