@@ -7,7 +7,7 @@
 //! are released even when a test panics.
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -922,6 +922,85 @@ impl Drop for Mount {
             }
         }
         let _ = Command::new(&umount).arg("-l").arg(&self.dir).output();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tracker instances in tracefs (tools/test checks the whole suite; these let a
+// test check its own cleanup)
+// ---------------------------------------------------------------------------
+
+/// Where `cairn tracker run` creates its kernel instance, `cairn-<hash of its state dir>`.
+pub const TRACE_INSTANCES: &str = "/sys/kernel/tracing/instances";
+
+/// Names of the `cairn-*` tracefs instances that exist now, sorted. Empty when tracefs is not
+/// mounted (no tracker has run since boot: a tracker mounts it first).
+pub fn cairn_instances() -> Vec<String> {
+    let dir = Path::new(TRACE_INSTANCES);
+    let entries = match fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => panic!(
+            "precondition missing: cannot list {} ({e}); the tracker tests run as root",
+            dir.display()
+        ),
+    };
+    let mut names: Vec<String> = entries
+        .map(|e| e.unwrap_or_else(|e| panic!("reading {}: {e}", dir.display())))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("cairn-"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Remembers the `cairn-*` instances present when it is made; [`assert_none_added`] (and its drop,
+/// unless the test is already failing) fails naming each instance that appeared since and is still
+/// there. Make it before the trackers it watches, so that they are dropped (and clean up) first.
+///
+/// It sees the whole machine: a tracker that another test of the same binary runs in parallel
+/// counts too. Use it where no other tracker can start meanwhile, or compare against the instance
+/// your own tracker created.
+///
+/// [`assert_none_added`]: TraceInstanceGuard::assert_none_added
+pub struct TraceInstanceGuard {
+    before: BTreeSet<String>,
+}
+
+impl TraceInstanceGuard {
+    pub fn new() -> TraceInstanceGuard {
+        TraceInstanceGuard {
+            before: cairn_instances().into_iter().collect(),
+        }
+    }
+
+    /// Instances present now that were not when the guard was made, sorted.
+    pub fn added(&self) -> Vec<String> {
+        cairn_instances()
+            .into_iter()
+            .filter(|n| !self.before.contains(n))
+            .collect()
+    }
+
+    /// Fails the test when an instance was added since [`TraceInstanceGuard::new`]; `what` says
+    /// what should have removed it (e.g. "tracker stop").
+    pub fn assert_none_added(&self, what: &str) {
+        let added = self.added();
+        assert!(
+            added.is_empty(),
+            "{what} left tracefs instances behind in {TRACE_INSTANCES}: {}",
+            added.join(", ")
+        );
+    }
+}
+
+impl Drop for TraceInstanceGuard {
+    fn drop(&mut self) {
+        // A second panic while unwinding would abort the test binary and hide the first failure.
+        if !thread::panicking() {
+            self.assert_none_added("the test");
+        }
     }
 }
 
