@@ -8,7 +8,7 @@ use crate::progress::Progress;
 use crate::reader::{self, BlockDecoder, ChainReader, Payload};
 use crate::repo::{Image, Repository};
 use anyhow::{anyhow, bail, Context, Result};
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -528,7 +528,6 @@ enum WriteOut {
 
 /// A block's payloads, read from the segments and crc-checked.
 struct ReadJob {
-    seq: u64,
     offset: u64,
     len: u64,
     pieces: Vec<Piece>,
@@ -542,20 +541,18 @@ enum Job {
         len: u64,
     },
     /// With the buffer the block is decoded into.
-    Data(ReadJob, AlignedBuf),
-    /// The reader could not supply this block; the writer stops there.
-    Failed {
-        seq: u64,
-        error: anyhow::Error,
-    },
+    Data(u64, ReadJob, AlignedBuf),
 }
 
-struct Decoded {
-    seq: u64,
-    kind: DecodedKind,
+impl crate::pipeline::Sequenced for Job {
+    fn seq(&self) -> u64 {
+        match self {
+            Job::Zero { seq, .. } | Job::Data(seq, ..) => *seq,
+        }
+    }
 }
 
-enum DecodedKind {
+enum Decoded {
     Zero {
         offset: u64,
         len: u64,
@@ -565,53 +562,39 @@ enum DecodedKind {
         len: usize,
         buf: AlignedBuf,
     },
-    /// Unreadable or damaged: everything before it is written, nothing from it on.
-    Failed(anyhow::Error),
 }
 
+/// Restore's use of the ordered pipeline: the repository reader produces checked payloads in
+/// block order, the stage decodes and checks them, the target writer writes in order.
 fn restore_pipeline(
     chain: &[Image],
     range: Range,
     handle: &mut device::Handle,
     buffers: Vec<AlignedBuf>,
-    mut account: impl FnMut(WriteOut) -> Result<()>,
+    account: impl FnMut(WriteOut) -> Result<()>,
     tail_file: &std::fs::File,
 ) -> Result<()> {
-    let workers = device::buf::stage_workers();
     let (free_tx, free_rx) = device::buf::circulate(buffers);
-    let (job_tx, job_rx) = bounded::<Job>(POOL_BUFFERS);
-    let (dec_tx, dec_rx) = bounded::<Decoded>(POOL_BUFFERS);
-    std::thread::scope(|s| {
-        // The reader hands out the buffers, in block order: the block the writer waits for always
-        // has one. (Decoders taking them raced: a fast decoder could take every buffer for later
-        // blocks while the writer waited for an earlier one, and nothing moved again.)
-        let reader = s.spawn(move || read_jobs(chain, range, job_tx, free_rx));
-        let mut stage = Vec::new();
-        for _ in 0..workers {
-            let (rx, tx) = (job_rx.clone(), dec_tx.clone());
-            stage.push(s.spawn(move || decode_jobs(chain, rx, tx)));
-        }
-        drop((job_rx, dec_tx));
-        let written = write_jobs(
-            handle,
-            range.start,
-            &dec_rx,
-            &free_tx,
-            &mut account,
-            tail_file,
-        );
-        drop(dec_rx);
-        drop(free_tx);
-        let read_result = reader
-            .join()
-            .map_err(|_| anyhow!("reader thread panicked"))?;
-        for w in stage {
-            w.join().map_err(|_| anyhow!("decoder thread panicked"))??;
-        }
-        // Damage reaches the writer in order and stops it there, so its error is the real cause.
-        written?;
-        read_result
-    })
+    let direct = handle.direct;
+    let mut writer = TargetWriter {
+        queue: &mut handle.queue,
+        direct,
+        shift: range.start,
+        free_tx: &free_tx,
+        account,
+        tail_file,
+    };
+    // The reader hands out the buffers, in block order: the block the writer waits for always
+    // has one. (Decoders taking them raced: a fast decoder could take every buffer for later
+    // blocks while the writer waited for an earlier one, and nothing moved again.)
+    crate::pipeline::run(
+        device::buf::stage_workers(),
+        POOL_BUFFERS,
+        move |tx| read_jobs(chain, range, tx, free_rx),
+        || decode_stage(chain),
+        &mut writer,
+    )?;
+    writer.drain()
 }
 
 fn read_jobs(
@@ -623,8 +606,9 @@ fn read_jobs(
     let mut reader = ChainReader::new(chain);
     let mut seq = 0u64;
     let mut zero_run: Option<(u64, u64)> = None;
-    let planner = Planner::new(chain);
-    for pieces in planner {
+    // A closed channel means the writer stopped; its error is the one reported.
+    let send = |job: Job| tx.send(job).is_ok();
+    for pieces in Planner::new(chain) {
         if pieces[0].offset >= range.end {
             break;
         }
@@ -638,14 +622,11 @@ fn read_jobs(
             zero_run = match zero_run {
                 Some((o, l)) if o + l == offset => Some((o, l + len)),
                 Some((o, l)) => {
-                    if tx
-                        .send(Job::Zero {
-                            seq,
-                            offset: o,
-                            len: l,
-                        })
-                        .is_err()
-                    {
+                    if !send(Job::Zero {
+                        seq,
+                        offset: o,
+                        len: l,
+                    }) {
                         return Ok(());
                     }
                     seq += 1;
@@ -656,47 +637,32 @@ fn read_jobs(
             continue;
         }
         if let Some((o, l)) = zero_run.take() {
-            if tx
-                .send(Job::Zero {
-                    seq,
-                    offset: o,
-                    len: l,
-                })
-                .is_err()
-            {
+            if !send(Job::Zero {
+                seq,
+                offset: o,
+                len: l,
+            }) {
                 return Ok(());
             }
             seq += 1;
         }
-        let payloads = match reader.payloads(&pieces) {
-            Ok(p) => p,
-            Err(error) => {
-                let _ = tx.send(Job::Failed { seq, error });
-                return Ok(());
-            }
-        };
+        let payloads = reader.payloads(&pieces)?;
         let Ok(buf) = free.recv() else {
             return Ok(());
         };
-        if tx
-            .send(Job::Data(
-                ReadJob {
-                    seq,
-                    offset,
-                    len,
-                    pieces,
-                    payloads,
-                },
-                buf,
-            ))
-            .is_err()
-        {
+        let job = ReadJob {
+            offset,
+            len,
+            pieces,
+            payloads,
+        };
+        if !send(Job::Data(seq, job, buf)) {
             return Ok(());
         }
         seq += 1;
     }
     if let Some((o, l)) = zero_run {
-        let _ = tx.send(Job::Zero {
+        send(Job::Zero {
             seq,
             offset: o,
             len: l,
@@ -705,99 +671,84 @@ fn read_jobs(
     Ok(())
 }
 
-fn decode_jobs(chain: &[Image], rx: Receiver<Job>, tx: Sender<Decoded>) -> Result<()> {
+/// One decoder thread's stage: a block's payloads → its checked plaintext in the job's buffer.
+fn decode_stage(chain: &[Image]) -> Result<impl FnMut(Job) -> Result<Decoded> + '_> {
     let mut dctx = zstd::bulk::Decompressor::new().context("zstd init")?;
     let mut scratch: Vec<u8> = Vec::new();
-    for job in rx {
-        let out = match job {
-            Job::Zero { seq, offset, len } => Decoded {
-                seq,
-                kind: DecodedKind::Zero { offset, len },
-            },
-            Job::Failed { seq, error } => Decoded {
-                seq,
-                kind: DecodedKind::Failed(error),
-            },
-            Job::Data(j, mut buf) => {
-                let len = j.len as usize;
-                match reader::assemble(
-                    chain,
-                    j.offset,
-                    &j.pieces,
-                    &j.payloads,
-                    &mut buf.as_mut_slice()[..len],
-                    &mut dctx,
-                    &mut scratch,
-                ) {
-                    Ok(()) => Decoded {
-                        seq: j.seq,
-                        kind: DecodedKind::Data {
-                            offset: j.offset,
-                            len,
-                            buf,
-                        },
-                    },
-                    Err(e) => Decoded {
-                        seq: j.seq,
-                        kind: DecodedKind::Failed(e),
-                    },
-                }
-            }
-        };
-        if tx.send(out).is_err() {
-            break;
+    Ok(move |job| match job {
+        Job::Zero { offset, len, .. } => Ok(Decoded::Zero { offset, len }),
+        Job::Data(_, j, mut buf) => {
+            let len = j.len as usize;
+            reader::assemble(
+                chain,
+                j.offset,
+                &j.pieces,
+                &j.payloads,
+                &mut buf.as_mut_slice()[..len],
+                &mut dctx,
+                &mut scratch,
+            )?;
+            Ok(Decoded::Data {
+                offset: j.offset,
+                len,
+                buf,
+            })
         }
-    }
-    Ok(())
+    })
 }
 
 /// Writes decoded blocks in order; image offset `o` lands at target offset `o - shift`.
-fn write_jobs(
-    handle: &mut device::Handle,
+struct TargetWriter<'a, A> {
+    queue: &'a mut Box<dyn device::queue::IoQueue>,
+    direct: bool,
     shift: u64,
-    rx: &Receiver<Decoded>,
-    free_tx: &Sender<AlignedBuf>,
-    account: &mut impl FnMut(WriteOut) -> Result<()>,
-    tail_file: &std::fs::File,
-) -> Result<()> {
-    let direct = handle.direct;
-    let q = &mut handle.queue;
-    let mut pending: BTreeMap<u64, Decoded> = BTreeMap::new();
-    let mut next = 0u64;
-    let mut finished_input = false;
-    let reap = |q: &mut Box<dyn device::queue::IoQueue>| -> Result<()> {
-        let c = q.wait().context("waiting for a write")?;
+    free_tx: &'a Sender<AlignedBuf>,
+    account: A,
+    tail_file: &'a std::fs::File,
+}
+
+impl<A: FnMut(WriteOut) -> Result<()>> TargetWriter<'_, A> {
+    /// Waits for one write and hands its buffer back to the reader.
+    fn reap(&mut self) -> Result<()> {
+        let c = self.queue.wait().context("waiting for a write")?;
         c.result
             .with_context(|| format!("write error at offset {} of the target", c.offset))?;
-        let _ = free_tx.send(c.buf);
+        let _ = self.free_tx.send(c.buf);
         Ok(())
-    };
-    loop {
-        if let Some(d) = pending.remove(&next) {
-            next += 1;
-            match d.kind {
-                DecodedKind::Failed(e) => return Err(e),
-                DecodedKind::Zero { offset, len } => account(WriteOut::Zero {
-                    offset: offset - shift,
-                    len,
-                })?,
-                DecodedKind::Data { offset, len, buf } => {
-                    let offset = offset - shift;
-                    let align = device::buf::ALIGN;
-                    if direct && (len % align != 0 || offset % align as u64 != 0) {
-                        // An unaligned end (or a partition at an unaligned offset): written
-                        // buffered, flushed with the rest.
-                        tail_file
-                            .write_all_at(&buf.as_slice()[..len], offset)
-                            .with_context(|| {
-                                format!("write error at offset {offset} of the target")
-                            })?;
-                        let _ = free_tx.send(buf);
-                    } else {
-                        while q.in_flight() >= q.depth() {
-                            reap(q)?;
-                        }
-                        q.submit(Request {
+    }
+
+    /// Waits for every write still in flight.
+    fn drain(&mut self) -> Result<()> {
+        while self.queue.in_flight() > 0 {
+            self.reap()?;
+        }
+        Ok(())
+    }
+}
+
+impl<A: FnMut(WriteOut) -> Result<()>> crate::pipeline::Consumer<Decoded> for TargetWriter<'_, A> {
+    fn take(&mut self, d: Decoded) -> Result<()> {
+        match d {
+            Decoded::Zero { offset, len } => (self.account)(WriteOut::Zero {
+                offset: offset - self.shift,
+                len,
+            }),
+            Decoded::Data { offset, len, buf } => {
+                let offset = offset - self.shift;
+                let align = device::buf::ALIGN;
+                if self.direct && (len % align != 0 || offset % align as u64 != 0) {
+                    // An unaligned end (or a partition at an unaligned offset): written
+                    // buffered, flushed with the rest.
+                    self.tail_file
+                        .write_all_at(&buf.as_slice()[..len], offset)
+                        .with_context(|| format!("write error at offset {offset} of the target"))?;
+                    let _ = self.free_tx.send(buf);
+                } else {
+                    while self.queue.in_flight() >= self.queue.depth() {
+                        self.reap()?;
+                    }
+                    self.queue
+                        .submit(Request {
                             op: Op::Write,
                             tag: offset,
                             offset,
@@ -807,41 +758,20 @@ fn write_jobs(
                             buf,
                         })
                         .with_context(|| format!("submitting a write at offset {offset}"))?;
-                    }
-                    account(WriteOut::Data { len: len as u64 })?;
                 }
+                (self.account)(WriteOut::Data { len: len as u64 })
             }
-            continue;
-        }
-        if finished_input {
-            if pending.is_empty() {
-                break;
-            }
-            bail!("restore pipeline lost block {next}");
-        }
-        let got = if q.in_flight() > 0 {
-            match rx.try_recv() {
-                Ok(d) => Some(d),
-                Err(crossbeam_channel::TryRecvError::Empty) => {
-                    reap(q)?;
-                    continue;
-                }
-                Err(crossbeam_channel::TryRecvError::Disconnected) => None,
-            }
-        } else {
-            rx.recv().ok()
-        };
-        match got {
-            Some(d) => {
-                pending.insert(d.seq, d);
-            }
-            None => finished_input = true,
         }
     }
-    while q.in_flight() > 0 {
-        reap(q)?;
+
+    /// While the next block is being decoded, finished writes return their buffers.
+    fn idle(&mut self) -> Result<bool> {
+        if self.queue.in_flight() == 0 {
+            return Ok(false);
+        }
+        self.reap()?;
+        Ok(true)
     }
-    Ok(())
 }
 
 /// The restore point's bytes as a seekable stream (for the partition-table parsers). Decodes one
