@@ -22,8 +22,8 @@ use crate::format::{
 use crate::progress::Progress;
 use crate::repo::{Image, Repository};
 use crate::tracker::{self, protocol::CutKind, protocol::Token};
-use anyhow::{anyhow, bail, Context, Result};
-use crossbeam_channel::{bounded, Receiver, Sender};
+use anyhow::{bail, Context, Result};
+use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -575,6 +575,12 @@ struct ReadUnit {
     expected: Option<Vec<Piece>>,
 }
 
+impl crate::pipeline::Sequenced for ReadUnit {
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
 enum Stage {
     Zero,
     /// Stored as read: this range of the read buffer.
@@ -590,7 +596,6 @@ struct StagedOut {
 }
 
 struct Processed {
-    seq: u64,
     len: usize,
     outs: Vec<StagedOut>,
     buf: AlignedBuf,
@@ -599,8 +604,9 @@ struct Processed {
 /// Unreadable (offset, length) ranges of the source.
 type BadRanges = Vec<(u64, u64)>;
 
-/// Runs the pipeline, calling `sink` for each read unit in order on the caller's thread. Returns
-/// the index entries the sink produced.
+/// Backup's use of the ordered pipeline: the source reader, `workers` block stages, and `sink`
+/// called for each read unit in order on the caller's thread. Returns the index entries the sink
+/// produced and the unreadable ranges the reader found.
 fn pipeline(
     handle: device::Handle,
     buffers: Vec<AlignedBuf>,
@@ -608,43 +614,33 @@ fn pipeline(
     level: i32,
     work: &Work,
     base: &[Image],
-    mut sink: impl FnMut(Unit<'_>) -> Result<Vec<Entry>>,
+    sink: impl FnMut(Unit<'_>) -> Result<Vec<Entry>>,
 ) -> Result<(Vec<Entry>, BadRanges)> {
     let total_units = match work {
         Work::All | Work::Compare => geo.size.div_ceil(u64::from(geo.block_size)),
         Work::Extents(e) => e.len() as u64,
     };
-    let workers = device::buf::stage_workers();
     let (free_tx, free_rx) = device::buf::circulate(buffers);
-    let (work_tx, work_rx) = bounded::<ReadUnit>(POOL_BUFFERS);
-    let (done_tx, done_rx) = bounded::<Processed>(POOL_BUFFERS);
-
-    std::thread::scope(|s| {
-        let reader = s.spawn(move || read_all(handle, geo, work, base, free_rx, work_tx));
-        let mut stage = Vec::new();
-        for _ in 0..workers {
-            let rx = work_rx.clone();
-            let tx = done_tx.clone();
-            stage.push(s.spawn(move || block_stage(level, geo.granule as usize, base, rx, tx)));
-        }
-        drop(work_rx);
-        drop(done_tx);
-
-        let written = write_in_order(total_units, &done_rx, &free_tx, &mut sink);
-        // Unblock everything upstream before joining, whatever happened.
-        drop(done_rx);
-        drop(free_tx);
-        let read_result = reader
-            .join()
-            .map_err(|_| anyhow!("reader thread panicked"))?;
-        for w in stage {
-            w.join()
-                .map_err(|_| anyhow!("block-stage thread panicked"))??;
-        }
-        // A reader error explains a short writer run; report it first.
-        let bad = read_result?;
-        Ok((written?, bad))
-    })
+    let mut writer = SegmentSink {
+        sink,
+        free_tx,
+        entries: Vec::new(),
+        units: 0,
+    };
+    let bad = crate::pipeline::run(
+        device::buf::stage_workers(),
+        POOL_BUFFERS,
+        move |tx| read_all(handle, geo, work, base, free_rx, tx),
+        || block_stage(level, geo.granule as usize, base),
+        &mut writer,
+    )?;
+    if writer.units != total_units {
+        bail!(
+            "the source reader stopped after {} of {total_units} blocks",
+            writer.units
+        );
+    }
+    Ok((writer.entries, bad))
 }
 
 fn read_all(
@@ -759,13 +755,12 @@ fn read_all(
     }
 }
 
+/// One block-stage thread: zero test, hash, compare with the base chain, compress.
 fn block_stage(
     level: i32,
     granule: usize,
     base: &[Image],
-    rx: Receiver<ReadUnit>,
-    tx: Sender<Processed>,
-) -> Result<()> {
+) -> Result<impl FnMut(ReadUnit) -> Result<Processed> + '_> {
     let mut compressor = zstd::bulk::Compressor::new(level).context("zstd init")?;
     if level <= 1 {
         // Level 1's default hash table is sized for streams; for 1 MiB blocks a 32 Ki-entry
@@ -777,7 +772,7 @@ fn block_stage(
             .context("zstd parameters")?;
     }
     let mut comparer = Comparer::new(base, granule)?;
-    for u in rx {
+    Ok(move |u: ReadUnit| {
         let data = &u.buf.as_slice()[..u.len];
         let mut outs = Vec::new();
         match &u.expected {
@@ -793,17 +788,12 @@ fn block_stage(
                 }
             }
         }
-        let p = Processed {
-            seq: u.seq,
+        Ok(Processed {
             len: u.len,
             outs,
             buf: u.buf,
-        };
-        if tx.send(p).is_err() {
-            break;
-        }
-    }
-    Ok(())
+        })
+    })
 }
 
 /// Zero test, hash, and compression of one extent (`at` is its position in the read buffer).
@@ -956,29 +946,19 @@ fn zero_hash(len: usize) -> format::Hash {
     })
 }
 
-fn write_in_order(
-    total_units: u64,
-    done_rx: &Receiver<Processed>,
-    free_tx: &Sender<AlignedBuf>,
-    sink: &mut impl FnMut(Unit<'_>) -> Result<Vec<Entry>>,
-) -> Result<Vec<Entry>> {
-    let mut pending: BTreeMap<u64, Processed> = BTreeMap::new();
-    let mut entries = Vec::new();
-    let mut next = 0u64;
-    while next < total_units {
-        let p = match pending.remove(&next) {
-            Some(p) => p,
-            None => {
-                let p = done_rx
-                    .recv()
-                    .map_err(|_| anyhow!("the source reader stopped early"))?;
-                if p.seq != next {
-                    pending.insert(p.seq, p);
-                    continue;
-                }
-                p
-            }
-        };
+/// The in-order end of a backup: hands each unit's staged extents to the segment-writing sink
+/// and the unit's buffer back to the reader.
+struct SegmentSink<F> {
+    sink: F,
+    free_tx: Sender<AlignedBuf>,
+    entries: Vec<Entry>,
+    units: u64,
+}
+
+impl<F: FnMut(Unit<'_>) -> Result<Vec<Entry>>> crate::pipeline::Consumer<Processed>
+    for SegmentSink<F>
+{
+    fn take(&mut self, p: Processed) -> Result<()> {
         let outs = p
             .outs
             .iter()
@@ -995,14 +975,14 @@ fn write_in_order(
                 },
             })
             .collect();
-        entries.extend(sink(Unit {
+        self.entries.extend((self.sink)(Unit {
             read_len: p.len as u64,
             outs,
         })?);
-        let _ = free_tx.send(p.buf);
-        next += 1;
+        let _ = self.free_tx.send(p.buf);
+        self.units += 1;
+        Ok(())
     }
-    Ok(entries)
 }
 
 #[cfg(test)]
