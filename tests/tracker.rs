@@ -57,6 +57,7 @@ impl Tracker {
         let child = Command::new(bin())
             .args(&args)
             .env("CAIRN_STATE_DIR", &self.state)
+            .env("CAIRN_FAULT_TRACKER", self.fault_dir())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -81,6 +82,22 @@ impl Tracker {
             "tracker did not come up: {}",
             fs::read_to_string(&self.log).unwrap_or_default()
         );
+    }
+
+    /// Where `inject` puts the daemon's one-shot fault triggers.
+    fn fault_dir(&self) -> PathBuf {
+        self.state.with_extension("faults")
+    }
+
+    /// Makes the next drain of block events at `site` (loop, status, cut, stop) lose what it read
+    /// and fail, as a garbled ring-buffer page would.
+    fn inject(&self, site: &str) {
+        fs::create_dir_all(self.fault_dir()).unwrap();
+        fs::write(self.fault_dir().join(site), b"").unwrap();
+    }
+
+    fn injected_fault_fired(&self, site: &str) -> bool {
+        !self.fault_dir().join(site).exists()
     }
 
     fn status(&self) -> Out {
@@ -500,6 +517,68 @@ fn resized_device_forces_compare_scan() {
             direct_write(&d.dev, 70 * MIB, 8192, 7);
         },
         "size",
+        &[],
+    );
+}
+
+const INJECTED: &str = "injected fault";
+
+#[test]
+fn event_error_in_the_status_handler_breaks_continuity() {
+    gap_case(
+        |t, _| {
+            t.inject("status");
+            let st = t.status();
+            st.ok();
+            assert!(t.injected_fault_fired("status"), "status did not drain");
+            let consumers = st.json()["devices"][0]["consumers"].clone();
+            assert!(
+                consumers[0]["continuity_since_image"]
+                    .as_str()
+                    .unwrap()
+                    .contains(INJECTED),
+                "status should report the broken continuity: {consumers}"
+            );
+        },
+        INJECTED,
+        &[],
+    );
+}
+
+#[test]
+fn event_error_in_the_drain_loop_breaks_continuity() {
+    gap_case(
+        |t, _| {
+            t.inject("loop");
+            // A real condition: the daemon removes the trigger when the fault fires.
+            for _ in 0..1000 {
+                if t.injected_fault_fired("loop") {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            panic!("the drain loop never ran");
+        },
+        INJECTED,
+        &[],
+    );
+}
+
+#[test]
+fn event_error_during_a_cut_breaks_continuity() {
+    gap_case(|t, _| t.inject("cut"), INJECTED, &[]);
+}
+
+#[test]
+fn event_error_at_a_clean_stop_breaks_continuity() {
+    gap_case(
+        |t, _| {
+            t.inject("stop");
+            t.stop(nix::sys::signal::Signal::SIGTERM);
+            assert!(t.injected_fault_fired("stop"), "the stop did not drain");
+            t.spawn();
+        },
+        INJECTED,
         &[],
     );
 }

@@ -148,7 +148,8 @@ impl Consumer {
 struct Device {
     path: PathBuf,
     disk: (u32, u32),
-    kdev: u32,
+    /// Kernel device numbers whose events are this disk's (the disk itself first).
+    kdevs: Vec<u32>,
     size: u64,
     identity: String,
     since: String,
@@ -195,16 +196,38 @@ fn identity_of(info: &DeviceInfo) -> String {
 }
 
 impl State {
-    fn apply_events(&mut self) -> Result<()> {
-        let missed = self.instance.drain(&mut self.events)?;
+    /// Drains the kernel's buffers and applies every event to the change sets. Draining consumes
+    /// pages: whatever goes wrong from here on (an unreadable buffer, a garbled page, unreadable
+    /// loss counters) may have taken events that were never applied, so every failure breaks
+    /// continuity for every consumer, with the error as the reason. Callers cannot forget to.
+    fn apply_events(&mut self, site: FaultSite) {
+        if let Err(e) = self.try_apply_events(site) {
+            let why = format!("reading block events failed ({e:#}) at {}", now_rfc3339());
+            tracing::error!("{why}: affected images will be compare-scanned");
+            self.break_everything(&why);
+        }
+    }
+
+    fn try_apply_events(&mut self, site: FaultSite) -> Result<()> {
+        let drained = self.instance.drain(&mut self.events);
+        let injected = injected_fault(site);
+        if injected.is_some() {
+            // A garbled page: consumed, never applied.
+            self.events.clear();
+        }
+        // Whatever was parsed before a failure is applied all the same: a superset is safe.
         for ev in self.events.drain(..) {
-            if let Some(d) = self.devices.iter_mut().find(|d| d.kdev == ev.dev) {
+            if let Some(d) = self.devices.iter_mut().find(|d| d.kdevs.contains(&ev.dev)) {
                 let from = ev.sector * 512;
                 let to = from + u64::from(ev.nr_sector) * 512;
                 for c in d.consumers.values_mut() {
                     c.mark_bytes(from, to);
                 }
             }
+        }
+        let missed = drained?;
+        if let Some(e) = injected {
+            return Err(e);
         }
         let losses = self.instance.losses()?;
         if missed || losses > self.losses_baseline {
@@ -229,16 +252,17 @@ impl State {
         }
     }
 
-    /// The instance and the devices must still be what we set up; otherwise continuity is gone.
-    fn check_environment(&mut self) -> Result<()> {
+    /// The instance and the devices must still be what we set up; otherwise continuity is gone
+    /// (every finding breaks it here, so there is nothing for a caller to handle).
+    fn check_environment(&mut self) {
         if let Err(e) = self.instance.check_configured() {
             let why = format!(
                 "the tracefs instance was altered ({e:#}) at {}",
                 now_rfc3339()
             );
-            tracing::warn!("{why}");
+            tracing::warn!("{why}; restart the tracker");
             self.break_everything(&why);
-            bail!("{why}; restart the tracker");
+            return;
         }
         for i in 0..self.devices.len() {
             let d = &self.devices[i];
@@ -272,7 +296,6 @@ impl State {
                 }
             }
         }
-        Ok(())
     }
 
     fn to_saved(&self, clean: bool) -> SavedState {
@@ -359,8 +382,8 @@ impl State {
             bail!("invalid granule {granule}");
         }
         // Everything the kernel logged before this moment is applied before the set is taken.
-        self.apply_events()?;
-        let _ = self.check_environment();
+        self.apply_events(FaultSite::Cut);
+        self.check_environment();
         let loss_gen = self.loss_gen;
         let dev = self.device_for(disk)?;
         if start.checked_add(len).is_none_or(|end| end > dev.size) {
@@ -546,6 +569,28 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     crate::repo::sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
+/// Where events are drained, for the test-only fault hook.
+#[derive(Debug, Clone, Copy)]
+enum FaultSite {
+    Loop,
+    Status,
+    Cut,
+    Stop,
+}
+
+/// Test-only fault hook: with `CAIRN_FAULT_TRACKER=DIR`, a file `DIR/SITE` (loop, status, cut,
+/// stop) makes the next drain at that site lose the pages it read, as a garbled page would, and
+/// fail; the file is removed, so each one fires once. Unset, it costs one getenv per drain.
+fn injected_fault(site: FaultSite) -> Option<anyhow::Error> {
+    let dir = std::env::var_os("CAIRN_FAULT_TRACKER")?;
+    let name = format!("{site:?}").to_lowercase();
+    let trigger = Path::new(&dir).join(&name);
+    std::fs::remove_file(&trigger).ok()?;
+    Some(anyhow!(
+        "injected fault ({name}): a garbled ring-buffer page was discarded"
+    ))
+}
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -590,7 +635,7 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
         devices.push(Device {
             path: p.clone(),
             disk,
-            kdev: tracefs::kernel_dev(disk.0, disk.1),
+            kdevs: vec![tracefs::kernel_dev(disk.0, disk.1)],
             size: info.size,
             identity: identity_of(&info),
             since: now_rfc3339(),
@@ -598,7 +643,7 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
         });
     }
     let root = tracefs::ensure_mounted()?;
-    let kdevs: Vec<u32> = devices.iter().map(|d| d.kdev).collect();
+    let kdevs: Vec<u32> = devices.iter().flat_map(|d| d.kdevs.clone()).collect();
     let filter = tracefs::filter_for(&kdevs);
     let boot = boot_id();
     let saved: Option<SavedState> = std::fs::read(opts.state_dir.join(STATE_FILE))
@@ -742,12 +787,9 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
         }
         {
             let mut st = state.lock().expect("not poisoned");
-            if let Err(e) = st.apply_events() {
-                tracing::error!("reading block events failed: {e:#}");
-                st.break_everything(&format!("reading block events failed: {e:#}"));
-            }
+            st.apply_events(FaultSite::Loop);
             if last_check.elapsed() >= Duration::from_secs(1) {
-                let _ = st.check_environment();
+                st.check_environment();
                 last_check = Instant::now();
             }
             if last_persist.elapsed() >= Duration::from_secs(10) {
@@ -760,7 +802,7 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
         std::thread::sleep(opts.interval);
     }
     let mut st = state.lock().expect("not poisoned");
-    st.apply_events()?;
+    st.apply_events(FaultSite::Stop);
     let _ = std::fs::remove_file(&sock_path);
     st.persist(true)?;
     eprintln!(
@@ -785,7 +827,7 @@ fn serve(stream: UnixStream, conn: u64, state: Arc<Mutex<State>>) {
                 let mut st = state.lock().expect("not poisoned");
                 let r = match req {
                     Request::Status => {
-                        let _ = st.apply_events();
+                        st.apply_events(FaultSite::Status);
                         Ok(st.status())
                     }
                     Request::Cut {
