@@ -27,13 +27,36 @@ pub const STATE_FILE: &str = "tracker-state.json";
 pub const SOCKET: &str = "tracker.sock";
 const LOCK_FILE: &str = "tracker.lock";
 /// One kernel instance per state directory, so independent trackers (tests, several
-/// configurations) never share or remove each other's instance.
+/// configurations) never share or remove each other's instance; its name records the directory
+/// (instances.rs), so a leftover instance can be traced back to it.
 fn instance_name(state_dir: &Path) -> String {
-    let canon = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
-    format!(
-        "cairn-{}",
-        &blake3::hash(canon.as_os_str().as_encoded_bytes()).to_hex()[..12]
-    )
+    super::instances::name_for(state_dir)
+}
+
+/// The pid of the tracker running with `state_dir`, if one is (or is starting).
+pub fn lock_holder(state_dir: &Path) -> Option<u32> {
+    super::instances::flock_holder(&state_dir.join(LOCK_FILE))
+}
+
+/// Whether a tracker started on `state_dir` now would resume its kernel instance, and why not.
+pub fn resumable(state_dir: &Path) -> std::result::Result<(), String> {
+    let p = state_dir.join(STATE_FILE);
+    let bytes = std::fs::read(&p).map_err(|e| format!("no saved state ({e})"))?;
+    let s: SavedState = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("its saved state is unreadable ({e})"))?;
+    if s.version != STATE_VERSION {
+        return Err(format!("its saved state has version {}", s.version));
+    }
+    if s.boot_id != boot_id() {
+        return Err("its saved state is from another boot".into());
+    }
+    if !s.clean_shutdown {
+        return Err(format!(
+            "its tracker (pid {}) did not stop cleanly (killed or crashed)",
+            s.pid
+        ));
+    }
+    Ok(())
 }
 const STATE_VERSION: u32 = 1;
 
@@ -166,6 +189,8 @@ struct State {
     /// since the cut is complete.
     loss_gen: u64,
     events: Vec<BlockEvent>,
+    /// Set by `tracker stop`: the instance is gone and nothing more is drained or saved.
+    stopped_for_good: bool,
 }
 
 fn random_id() -> String {
@@ -201,6 +226,9 @@ impl State {
     /// loss counters) may have taken events that were never applied, so every failure breaks
     /// continuity for every consumer, with the error as the reason. Callers cannot forget to.
     fn apply_events(&mut self, site: FaultSite) {
+        if self.stopped_for_good {
+            return;
+        }
         if let Err(e) = self.try_apply_events(site) {
             let why = format!("reading block events failed ({e:#}) at {}", now_rfc3339());
             tracing::error!("{why}: affected images will be compare-scanned");
@@ -460,7 +488,15 @@ impl State {
         })
     }
 
-    fn commit(&mut self, conn: u64, found: Option<Vec<(u64, u64)>>) -> Result<Reply> {
+    /// `keep_dirty`: byte ranges of the source (relative to its start) whose content the image
+    /// could not capture — unreadable sectors. They stay changed in both sets, so the next
+    /// backup reads them again instead of trusting the zeros recorded for them.
+    fn commit(
+        &mut self,
+        conn: u64,
+        found: Option<Vec<(u64, u64)>>,
+        keep_dirty: &[(u64, u64)],
+    ) -> Result<Reply> {
         let loss_gen = self.loss_gen;
         let c = self
             .devices
@@ -493,8 +529,32 @@ impl State {
             }
             CutKind::Incremental => {}
         }
+        for &(off, len) in keep_dirty {
+            let from = c.start.saturating_add(off.min(c.len));
+            let to = c.start.saturating_add(off.saturating_add(len).min(c.len));
+            c.mark_bytes(from, to);
+        }
         self.persist(false)?;
         Ok(Reply::Committed)
+    }
+
+    /// `tracker stop`: no restart is expected, so the instance goes now rather than tracing
+    /// every write until reboot. The saved state says why the next start must compare-scan.
+    fn stop_for_good(&mut self) -> Result<Reply> {
+        let why = format!(
+            "the tracker was stopped for good (cairn tracker stop) at {}",
+            now_rfc3339()
+        );
+        self.break_everything(&why);
+        // The main loop exits once the reply is out (serve sets STOP); until then it idles.
+        self.stopped_for_good = true;
+        let persisted = self.persist(true);
+        self.instance.close_and_remove()?;
+        persisted?;
+        tracing::info!("{why}");
+        Ok(Reply::Stopped {
+            instance: self.instance.path.display().to_string(),
+        })
     }
 
     /// A backup went away without committing: its changes are still changes.
@@ -729,6 +789,7 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
         losses_baseline,
         loss_gen: 0,
         events: Vec::new(),
+        stopped_for_good: false,
     }));
     state.lock().expect("not poisoned").persist(false)?;
 
@@ -787,6 +848,11 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
         }
         {
             let mut st = state.lock().expect("not poisoned");
+            if st.stopped_for_good {
+                drop(st);
+                std::thread::sleep(opts.interval);
+                continue;
+            }
             st.apply_events(FaultSite::Loop);
             if last_check.elapsed() >= Duration::from_secs(1) {
                 st.check_environment();
@@ -802,8 +868,12 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
         std::thread::sleep(opts.interval);
     }
     let mut st = state.lock().expect("not poisoned");
-    st.apply_events(FaultSite::Stop);
     let _ = std::fs::remove_file(&sock_path);
+    if st.stopped_for_good {
+        eprintln!("cairn tracker: stopped for good; its kernel instance is removed");
+        return Ok(());
+    }
+    st.apply_events(FaultSite::Stop);
     st.persist(true)?;
     eprintln!(
         "cairn tracker: stopped; state saved (the kernel keeps buffering until the next start)"
@@ -839,7 +909,8 @@ fn serve(stream: UnixStream, conn: u64, state: Arc<Mutex<State>>) {
                         kind,
                         parent,
                     } => st.cut(conn, disk, start, len, granule, &consumer, kind, parent),
-                    Request::Commit { found } => st.commit(conn, found),
+                    Request::Commit { found, keep_dirty } => st.commit(conn, found, &keep_dirty),
+                    Request::Stop => st.stop_for_good(),
                 };
                 r.unwrap_or_else(|e| Reply::Error {
                     message: format!("{e:#}"),
@@ -848,7 +919,12 @@ fn serve(stream: UnixStream, conn: u64, state: Arc<Mutex<State>>) {
         };
         let mut text = serde_json::to_string(&reply).expect("serialisable");
         text.push('\n');
-        if out.write_all(text.as_bytes()).is_err() {
+        let written = out.write_all(text.as_bytes());
+        if matches!(reply, Reply::Stopped { .. }) {
+            // Only now: the process exits soon after, and the client must have its answer.
+            STOP.store(true, Ordering::SeqCst);
+        }
+        if written.is_err() {
             break;
         }
     }
@@ -905,24 +981,35 @@ pub fn saved_status(path: &Path) -> Result<Vec<DeviceStatus>> {
         .collect())
 }
 
+/// Holds the state directory's lock so no tracker starts meanwhile; refused while one runs.
+fn exclude_tracker(state_dir: &Path) -> Result<Option<std::fs::File>> {
+    let lock_path = state_dir.join(LOCK_FILE);
+    if !lock_path.exists() {
+        return Ok(None);
+    }
+    let lock = std::fs::OpenOptions::new().write(true).open(&lock_path)?;
+    // SAFETY: flock on an open descriptor; no memory involved.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "a tracker is running with state directory {}; stop it first (cairn tracker stop)",
+            state_dir.display()
+        );
+    }
+    Ok(Some(lock))
+}
+
+fn instance_path(state_dir: &Path) -> PathBuf {
+    Path::new(tracefs::TRACEFS)
+        .join("instances")
+        .join(instance_name(state_dir))
+}
+
 /// `cairn tracker reset`: forget everything for this state directory — the saved state and the
 /// kernel instance that keeps buffering after a clean stop. Refused while a tracker runs.
 pub fn reset(state_dir: &Path) -> Result<bool> {
-    let lock_path = state_dir.join(LOCK_FILE);
-    if lock_path.exists() {
-        let lock = std::fs::OpenOptions::new().write(true).open(&lock_path)?;
-        // SAFETY: flock on an open descriptor; no memory involved.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            bail!(
-                "a tracker is running with state directory {}; stop it first",
-                state_dir.display()
-            );
-        }
-    }
+    let _lock = exclude_tracker(state_dir)?;
     let mut removed = false;
-    let instance = Path::new(tracefs::TRACEFS)
-        .join("instances")
-        .join(instance_name(state_dir));
+    let instance = instance_path(state_dir);
     if instance.exists() {
         tracefs::remove_instance(&instance)?;
         removed = true;
@@ -937,4 +1024,31 @@ pub fn reset(state_dir: &Path) -> Result<bool> {
         }
     }
     Ok(removed)
+}
+
+/// `cairn tracker stop` with no tracker running (a unit's stop after the daemon exited, say):
+/// the instance its clean stop kept is removed, and the saved state records why the next start
+/// must compare-scan. Returns the removed instance, if there was one.
+pub fn stop_stopped(state_dir: &Path) -> Result<Option<PathBuf>> {
+    let _lock = exclude_tracker(state_dir)?;
+    let p = state_dir.join(STATE_FILE);
+    if let Ok(bytes) = std::fs::read(&p) {
+        if let Ok(mut s) = serde_json::from_slice::<SavedState>(&bytes) {
+            let why = format!(
+                "the tracker was stopped for good (cairn tracker stop) at {}",
+                now_rfc3339()
+            );
+            for c in s.devices.iter_mut().flat_map(|d| d.consumers.iter_mut()) {
+                c.image_broken.get_or_insert_with(|| why.clone());
+                c.full_broken.get_or_insert_with(|| why.clone());
+            }
+            write_atomic(&p, &serde_json::to_vec_pretty(&s)?)?;
+        }
+    }
+    let instance = instance_path(state_dir);
+    if !instance.exists() {
+        return Ok(None);
+    }
+    tracefs::remove_instance(&instance)?;
+    Ok(Some(instance))
 }

@@ -476,11 +476,11 @@ impl Instance {
             .sum()
     }
 
-    /// Stops tracing and removes the instance.
-    pub fn remove(self) -> Result<()> {
-        let path = self.path.clone();
-        drop(self.readers);
-        Self::remove_path(&path)
+    /// Stops tracing and removes the instance; later drains read nothing.
+    pub fn close_and_remove(&mut self) -> Result<()> {
+        // The buffers must be closed first: an open trace_pipe_raw keeps the instance busy.
+        self.readers.clear();
+        Self::remove_path(&self.path)
     }
 
     fn remove_path(path: &Path) -> Result<()> {
