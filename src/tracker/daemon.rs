@@ -23,6 +23,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+const SYS_BLOCK: &str = "/sys/block";
+
+/// A disk's major:minor from sysfs.
+fn sysfs_devno(name: &str) -> Result<(u32, u32)> {
+    let p = Path::new(SYS_BLOCK).join(name).join("dev");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let (a, b) = text
+        .trim()
+        .split_once(':')
+        .ok_or_else(|| anyhow!("{} does not hold major:minor", p.display()))?;
+    Ok((
+        a.parse().with_context(|| format!("{}", p.display()))?,
+        b.parse().with_context(|| format!("{}", p.display()))?,
+    ))
+}
+
 pub const STATE_FILE: &str = "tracker-state.json";
 pub const SOCKET: &str = "tracker.sock";
 const LOCK_FILE: &str = "tracker.lock";
@@ -171,8 +187,12 @@ impl Consumer {
 struct Device {
     path: PathBuf,
     disk: (u32, u32),
-    /// Kernel device numbers whose events are this disk's (the disk itself first).
+    /// Kernel device numbers whose events are this disk's (the disk itself first, then the
+    /// paths of an NVMe multipath head).
     kdevs: Vec<u32>,
+    kernel_name: String,
+    /// Hidden multipath paths followed for this disk, as found at start.
+    paths: Vec<String>,
     size: u64,
     identity: String,
     since: String,
@@ -295,8 +315,17 @@ impl State {
         for i in 0..self.devices.len() {
             let d = &self.devices[i];
             let current = DeviceInfo::probe(&d.path).ok();
+            let paths = super::trackable::classify(Path::new(SYS_BLOCK), &d.kernel_name);
             let why = match &current {
                 None => Some(format!("{} disappeared", d.path.display())),
+                Some(_) if paths.as_ref() != Ok(&d.paths) => Some(format!(
+                    "{} changed how its writes reach the disk ({}); restart the tracker",
+                    d.path.display(),
+                    match &paths {
+                        Ok(p) => format!("multipath paths now {}", p.join(", ")),
+                        Err(e) => e.clone(),
+                    }
+                )),
                 Some(info) if info.devno != Some(d.disk) => {
                     Some(format!("{} is now another device", d.path.display()))
                 }
@@ -692,10 +721,23 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
             bail!("{} is not a whole disk: track the disk that holds it (partitions are followed through it)", p.display());
         }
         let disk = info.devno.expect("block device");
+        let kernel_name = info
+            .kernel_name
+            .clone()
+            .ok_or_else(|| anyhow!("cannot track {}: no entry in /sys/block", p.display()))?;
+        let paths = super::trackable::classify(Path::new(SYS_BLOCK), &kernel_name)
+            .map_err(|why| anyhow!("cannot track {}: {why}", p.display()))?;
+        let mut kdevs = vec![tracefs::kernel_dev(disk.0, disk.1)];
+        for path in &paths {
+            let (major, minor) = sysfs_devno(path)?;
+            kdevs.push(tracefs::kernel_dev(major, minor));
+        }
         devices.push(Device {
             path: p.clone(),
             disk,
-            kdevs: vec![tracefs::kernel_dev(disk.0, disk.1)],
+            kdevs,
+            kernel_name,
+            paths,
             size: info.size,
             identity: identity_of(&info),
             since: now_rfc3339(),

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod instances;
 pub mod protocol;
 pub mod tracefs;
+pub mod trackable;
 
 use anyhow::{anyhow, bail, Context, Result};
 use protocol::{CutKind, DeviceStatus, Reply, Request, Token};
