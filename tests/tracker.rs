@@ -823,6 +823,47 @@ fn stop_removes_the_instance_and_the_next_backup_compare_scans() {
     );
 }
 
+#[test]
+fn unreadable_ranges_stay_dirty_for_the_next_backup() {
+    require_root();
+    let work = Work::new();
+    let w = work.path();
+    let disk = LoopDev::new_zeroed(&w.join("disk.img"), 32 * MIB);
+    direct_write(&disk.dev, MIB, 4 * MIB as usize, 1);
+    let state = w.join("state");
+    let repo = w.join("repo");
+    let _tracker = Tracker::start(&disk.dev, &state, &[]);
+    backup_with(&disk.dev, &repo, &state, "--full");
+    direct_write(&disk.dev, 8 * MIB, 65536, 2);
+    // The incremental reads the 64 KiB written; 8 KiB of it fail.
+    let bad = (8 * MIB + 16384, 8192u64);
+    let out = cairn_env(
+        &["backup", &disk.dev, s(&repo), "--name", "disk", "--json"],
+        &[
+            ("CAIRN_STATE_DIR", s(&state)),
+            ("CAIRN_FAULT_READ", &format!("{}:{}", bad.0, bad.1)),
+        ],
+    );
+    assert_eq!(out.code(), Some(3), "{}", out.describe());
+    let r = out.json();
+    assert_eq!(r["method"], "tracked", "{r}");
+    assert_eq!(r["bad_ranges"], serde_json::json!([[bad.0, bad.1]]), "{r}");
+    // Nothing written since, and the disk reads fine now: the unreadable range is read again.
+    let r = backup_with(&disk.dev, &repo, &state, "");
+    assert_eq!(r["method"], "tracked", "{r}");
+    assert!(
+        r["bytes_read"].as_u64().unwrap() >= bad.1,
+        "the next backup must read the unreadable range again: {r}"
+    );
+    assert_eq!(r["bad_ranges"], serde_json::json!([]), "{r}");
+    let truth = w.join("truth.img");
+    copy_device(&disk.dev, &truth);
+    assert_restores_to(&repo, &id_of(&r), &truth, w, "after re-reading bad ranges");
+    // Read again, they are clean: the one after reads nothing.
+    let r = backup_with(&disk.dev, &repo, &state, "");
+    assert_eq!(r["bytes_read"], 0, "{r}");
+}
+
 fn blkzero(dev: &str, off: u64, len: u64) {
     tool(
         "blkdiscard",
