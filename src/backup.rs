@@ -352,11 +352,12 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     let (manifest_bytes, _) = manifest.encode();
     writer.commit(&index_bytes, &manifest_bytes)?;
     drop(lock);
-    // Only now, with the image published, may the tracker forget what this image holds.
+    // Only now, with the image published, may the tracker forget what this image holds —
+    // except the unreadable ranges: their content is unknown, so the next backup reads them again.
     if let Some(s) = session {
         let repair =
             (kind == ImageKind::Differential && method == Method::CompareScan).then_some(found);
-        if let Err(e) = s.commit(repair) {
+        if let Err(e) = s.commit(repair, &bad_ranges) {
             tracing::warn!("the tracker did not take the commit ({e:#}); the next backup will include these changes again");
         }
     }

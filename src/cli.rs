@@ -167,8 +167,18 @@ enum TrackerCommand {
     },
     /// Forget all tracking for the state directory: saved state and the kernel instance (which
     /// keeps buffering after a clean stop). The next backups compare-scan.
-    Reset,
-    /// Per device: tracking since when, continuity, changed bytes since the last full and image.
+    Reset {
+        /// Instead, remove every orphaned cairn-* kernel instance (see `tracker status`): ones
+        /// no tracker reads and no restart would resume. Nothing else is touched.
+        #[arg(long)]
+        orphans: bool,
+    },
+    /// Stop the tracker for good: it removes its kernel instance and exits (a SIGTERM stop keeps
+    /// the instance buffering for a restart). With no tracker running, removes the instance its
+    /// clean stop kept. The next backups compare-scan.
+    Stop,
+    /// Per device: tracking since when, continuity, changed bytes since the last full and image;
+    /// and every cairn-* kernel instance, in use, kept for a restart, or orphaned.
     Status {
         /// Only this device.
         device: Option<PathBuf>,
@@ -466,7 +476,26 @@ fn tracker_command(
             };
             crate::tracker::daemon::run(&opts)
         }
-        TrackerCommand::Reset => {
+        TrackerCommand::Reset { orphans: true } => {
+            let removed = crate::tracker::instances::remove_orphans(&dir)?;
+            if json {
+                print_json(&serde_json::json!({ "removed": removed }));
+            } else if removed.is_empty() {
+                eprintln!("no orphaned instances");
+            }
+            for i in &removed {
+                eprintln!("removed {} ({})", i.name, i.why);
+            }
+            Ok(())
+        }
+        TrackerCommand::Stop => {
+            match crate::tracker::stop(&dir)? {
+                Some(instance) => eprintln!("tracker stopped for good; removed {instance}"),
+                None => eprintln!("no tracker is running and no kernel instance was kept"),
+            }
+            Ok(())
+        }
+        TrackerCommand::Reset { orphans: false } => {
             let removed = crate::tracker::daemon::reset(&dir)?;
             eprintln!(
                 "{}",
@@ -479,7 +508,9 @@ fn tracker_command(
             Ok(())
         }
         TrackerCommand::Status { device } => {
-            let (running, mut devices) = crate::tracker::status(&dir)?;
+            let (saved, mut devices) = crate::tracker::status(&dir)?;
+            let instances = crate::tracker::instances::list(&dir)?;
+            let running = matches!(saved, crate::tracker::Saved::Running);
             if let Some(d) = device {
                 let want = std::fs::canonicalize(&d).unwrap_or(d.clone());
                 devices.retain(|s| {
@@ -491,17 +522,26 @@ fn tracker_command(
                 }
             }
             if json {
-                print_json(&serde_json::json!({ "running": running, "devices": devices }));
+                let note = match &saved {
+                    crate::tracker::Saved::Nothing(n) => Some(n.clone()),
+                    _ => None,
+                };
+                print_json(&serde_json::json!({
+                    "running": running,
+                    "note": note,
+                    "devices": devices,
+                    "instances": instances,
+                }));
                 return Ok(());
             }
-            println!(
-                "tracker: {}",
-                if running {
-                    "running"
-                } else {
-                    "NOT running (saved state shown)"
+            match &saved {
+                crate::tracker::Saved::Running => println!("tracker: running"),
+                crate::tracker::Saved::Stopped => {
+                    println!("tracker: NOT running (saved state shown)")
                 }
-            );
+                crate::tracker::Saved::Nothing(n) => println!("tracker: NOT running: {n}"),
+            }
+            print_instances(&instances);
             for d in devices {
                 println!(
                     "{} ({}:{}, {}), tracking since {}",
@@ -533,6 +573,24 @@ fn tracker_command(
             }
             Ok(())
         }
+    }
+}
+
+fn print_instances(instances: &[crate::tracker::instances::InstanceStatus]) {
+    use crate::tracker::instances::Verdict;
+    for i in instances {
+        let what = match i.verdict {
+            Verdict::InUse => "in use",
+            Verdict::Kept => "kept for a restart",
+            Verdict::Orphaned => "ORPHANED",
+        };
+        println!("kernel instance {}: {what}: {}", i.name, i.why);
+    }
+    if instances.iter().any(|i| i.verdict == Verdict::Orphaned) {
+        println!(
+            "  orphaned instances trace every write of their disks until reboot: \
+             remove them with `cairn tracker reset --orphans`"
+        );
     }
 }
 

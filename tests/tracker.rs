@@ -17,6 +17,81 @@ use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
+const INSTANCES: &str = "/sys/kernel/tracing/instances";
+
+/// A test's scratch directory. Its state directories live inside it, and the tracker names each
+/// kernel instance after its state directory, so the instances this test made are those whose
+/// names start with this prefix. Tests run in parallel (and other suites may trace too), so the
+/// count each test must leave unchanged is that of its own instances.
+struct Work {
+    dir: tempfile::TempDir,
+    at_start: Vec<String>,
+}
+
+impl Work {
+    fn new() -> Work {
+        let dir = tempdir();
+        let mut w = Work {
+            dir,
+            at_start: Vec::new(),
+        };
+        w.at_start = w.own_instances();
+        w
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Instance-name prefix of state directories under this one ('/' is written '+').
+    fn instance_prefix(&self) -> String {
+        let canon = fs::canonicalize(self.path()).unwrap();
+        let p = s(&canon);
+        assert!(
+            p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"/._-".contains(&b)),
+            "scratch path {p} needs escaping in instance names"
+        );
+        format!("cairn-{}+", p.replace('/', "+"))
+    }
+
+    fn own_instances(&self) -> Vec<String> {
+        let prefix = self.instance_prefix();
+        let mut v: Vec<String> = match fs::read_dir(INSTANCES) {
+            Ok(d) => d
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter(|n| n.starts_with(&prefix))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        v.sort();
+        v
+    }
+
+    /// The kernel instance of a state directory under this one.
+    fn instance_of(&self, state: &Path) -> PathBuf {
+        let rel = state.strip_prefix(self.path()).unwrap();
+        Path::new(INSTANCES).join(format!(
+            "{}{}",
+            self.instance_prefix(),
+            s(rel).replace('/', "+")
+        ))
+    }
+}
+
+impl Drop for Work {
+    fn drop(&mut self) {
+        let left = self.own_instances();
+        if !thread::panicking() {
+            assert_eq!(
+                left, self.at_start,
+                "the test must leave as many cairn-* instances as it found"
+            );
+        }
+    }
+}
+
 /// A `cairn tracker run` child with its own state directory. Dropping it kills it and removes its
 /// kernel instance and state.
 struct Tracker {
@@ -57,6 +132,7 @@ impl Tracker {
         let child = Command::new(bin())
             .args(&args)
             .env("CAIRN_STATE_DIR", &self.state)
+            .env("CAIRN_FAULT_TRACKER", self.fault_dir())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -81,6 +157,22 @@ impl Tracker {
             "tracker did not come up: {}",
             fs::read_to_string(&self.log).unwrap_or_default()
         );
+    }
+
+    /// Where `inject` puts the daemon's one-shot fault triggers.
+    fn fault_dir(&self) -> PathBuf {
+        self.state.with_extension("faults")
+    }
+
+    /// Makes the next drain of block events at `site` (loop, status, cut, stop) lose what it read
+    /// and fail, as a garbled ring-buffer page would.
+    fn inject(&self, site: &str) {
+        fs::create_dir_all(self.fault_dir()).unwrap();
+        fs::write(self.fault_dir().join(site), b"").unwrap();
+    }
+
+    fn injected_fault_fired(&self, site: &str) -> bool {
+        !self.fault_dir().join(site).exists()
     }
 
     fn status(&self) -> Out {
@@ -245,7 +337,7 @@ fn torture_disk(work: &Path) -> (LoopDev, String, String) {
 
 fn torture(seed: u64) {
     require_root();
-    let work = tempdir();
+    let work = Work::new();
     let w = work.path();
     let (disk, _p1, p2) = torture_disk(w);
     let state = w.join("state");
@@ -412,7 +504,7 @@ fn torture_seed_3() {
 /// incremental must say compare-scan (mentioning `why`) and restore exactly.
 fn gap_case(gap: impl FnOnce(&mut Tracker, &LoopDev), why: &str, tracker_args: &[&str]) {
     require_root();
-    let work = tempdir();
+    let work = Work::new();
     let w = work.path();
     let disk = LoopDev::new_zeroed(&w.join("disk.img"), 64 * MIB);
     direct_write(&disk.dev, 5 * MIB, 3 * MIB as usize, 1);
@@ -504,10 +596,72 @@ fn resized_device_forces_compare_scan() {
     );
 }
 
+const INJECTED: &str = "injected fault";
+
+#[test]
+fn event_error_in_the_status_handler_breaks_continuity() {
+    gap_case(
+        |t, _| {
+            t.inject("status");
+            let st = t.status();
+            st.ok();
+            assert!(t.injected_fault_fired("status"), "status did not drain");
+            let consumers = st.json()["devices"][0]["consumers"].clone();
+            assert!(
+                consumers[0]["continuity_since_image"]
+                    .as_str()
+                    .unwrap()
+                    .contains(INJECTED),
+                "status should report the broken continuity: {consumers}"
+            );
+        },
+        INJECTED,
+        &[],
+    );
+}
+
+#[test]
+fn event_error_in_the_drain_loop_breaks_continuity() {
+    gap_case(
+        |t, _| {
+            t.inject("loop");
+            // A real condition: the daemon removes the trigger when the fault fires.
+            for _ in 0..1000 {
+                if t.injected_fault_fired("loop") {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            panic!("the drain loop never ran");
+        },
+        INJECTED,
+        &[],
+    );
+}
+
+#[test]
+fn event_error_during_a_cut_breaks_continuity() {
+    gap_case(|t, _| t.inject("cut"), INJECTED, &[]);
+}
+
+#[test]
+fn event_error_at_a_clean_stop_breaks_continuity() {
+    gap_case(
+        |t, _| {
+            t.inject("stop");
+            t.stop(nix::sys::signal::Signal::SIGTERM);
+            assert!(t.injected_fault_fired("stop"), "the stop did not drain");
+            t.spawn();
+        },
+        INJECTED,
+        &[],
+    );
+}
+
 #[test]
 fn clean_restart_keeps_tracking_without_a_gap() {
     require_root();
-    let work = tempdir();
+    let work = Work::new();
     let w = work.path();
     let disk = LoopDev::new_zeroed(&w.join("disk.img"), 64 * MIB);
     direct_write(&disk.dev, MIB, MIB as usize, 1);
@@ -527,6 +681,189 @@ fn clean_restart_keeps_tracking_without_a_gap() {
     assert_restores_to(&repo, &id_of(&r), &truth, w, "after a clean restart");
 }
 
+fn instances_in_status(st: &Out) -> Vec<Value> {
+    st.ok();
+    st.json()["instances"].as_array().unwrap().clone()
+}
+
+fn verdict_of(instances: &[Value], name: &Path) -> Option<(String, String)> {
+    let name = name.file_name().unwrap().to_str().unwrap();
+    instances.iter().find(|i| i["name"] == name).map(|i| {
+        (
+            i["verdict"].as_str().unwrap().to_string(),
+            i["why"].as_str().unwrap().to_string(),
+        )
+    })
+}
+
+#[test]
+fn status_lists_orphaned_instances_and_reset_removes_only_those() {
+    require_root();
+    let work = Work::new();
+    let w = work.path();
+    let disk = LoopDev::new_zeroed(&w.join("disk.img"), 32 * MIB);
+    let repo = w.join("repo");
+    // Killed: nobody will resume its instance (a restart makes a new one).
+    let killed_state = w.join("killed");
+    let mut killed = Tracker::start(&disk.dev, &killed_state, &[]);
+    backup_with(&disk.dev, &repo, &killed_state, "--full");
+    killed.stop(nix::sys::signal::Signal::SIGKILL);
+    // Stopped cleanly, then its state directory deleted.
+    let gone_state = w.join("gone");
+    let mut gone = Tracker::start(&disk.dev, &gone_state, &[]);
+    gone.stop(nix::sys::signal::Signal::SIGTERM);
+    fs::remove_dir_all(&gone_state).unwrap();
+    // Stopped cleanly: kept for its restart, which must not lose it.
+    let kept_state = w.join("kept");
+    let kept_repo = w.join("kept-repo");
+    let mut kept = Tracker::start(&disk.dev, &kept_state, &[]);
+    backup_with(&disk.dev, &kept_repo, &kept_state, "--full");
+    kept.stop(nix::sys::signal::Signal::SIGTERM);
+    // Running.
+    let live_state = w.join("live");
+    let live = Tracker::start(&disk.dev, &live_state, &[]);
+
+    let list = instances_in_status(&live.status());
+    let (v, why) = verdict_of(&list, &work.instance_of(&killed_state)).expect("killed listed");
+    assert_eq!(v, "orphaned", "{why}");
+    assert!(why.contains("did not stop cleanly"), "{why}");
+    let (v, why) = verdict_of(&list, &work.instance_of(&gone_state)).expect("gone listed");
+    assert_eq!(v, "orphaned", "{why}");
+    assert!(why.contains("is gone"), "{why}");
+    let (v, why) = verdict_of(&list, &work.instance_of(&kept_state)).expect("kept listed");
+    assert_eq!(v, "kept", "{why}");
+    let (v, why) = verdict_of(&list, &work.instance_of(&live_state)).expect("live listed");
+    assert_eq!(v, "in-use", "{why}");
+    // The human form says so too, and where to go from there.
+    let text = cairn_env(
+        &["tracker", "status"],
+        &[("CAIRN_STATE_DIR", s(&gone_state))],
+    );
+    text.ok();
+    assert!(
+        text.stdout.contains("ORPHANED") && text.stdout.contains("reset --orphans"),
+        "{}",
+        text.stdout
+    );
+
+    let out = cairn_env(
+        &["tracker", "reset", "--orphans", "--json"],
+        &[("CAIRN_STATE_DIR", s(&live_state))],
+    );
+    out.ok();
+    assert!(!work.instance_of(&killed_state).exists());
+    assert!(!work.instance_of(&gone_state).exists());
+    assert!(
+        work.instance_of(&kept_state).exists(),
+        "a kept instance stays"
+    );
+    assert!(
+        work.instance_of(&live_state).exists(),
+        "an instance in use stays"
+    );
+    // The kept one still resumes without a gap.
+    direct_write(&disk.dev, 3 * MIB, 4096, 1);
+    kept.spawn();
+    let r = backup_with(&disk.dev, &kept_repo, &kept_state, "");
+    assert_eq!(r["method"], "tracked", "{r}");
+    drop(live);
+}
+
+#[test]
+fn stop_removes_the_instance_and_the_next_backup_compare_scans() {
+    require_root();
+    let work = Work::new();
+    let w = work.path();
+    let disk = LoopDev::new_zeroed(&w.join("disk.img"), 32 * MIB);
+    let repo = w.join("repo");
+    let state = w.join("state");
+    let mut tracker = Tracker::start(&disk.dev, &state, &[]);
+    let instance = work.instance_of(&state);
+    assert!(
+        instance.is_dir(),
+        "{} exists while running",
+        instance.display()
+    );
+    backup_with(&disk.dev, &repo, &state, "--full");
+    let env = [("CAIRN_STATE_DIR", s(&state))];
+    cairn_env(&["tracker", "stop"], &env).ok();
+    assert!(!instance.exists(), "stop removes the instance");
+    let st = tracker.child.take().unwrap().wait().unwrap();
+    assert!(st.success(), "the tracker exits cleanly after stop: {st}");
+    // Restarted later: what happened meanwhile was not seen.
+    direct_write(&disk.dev, 7 * MIB, 4096, 3);
+    tracker.spawn();
+    let r = backup_with(&disk.dev, &repo, &state, "");
+    assert_eq!(r["method"], "compare-scan", "{r}");
+    assert!(
+        r["method_reason"]
+            .as_str()
+            .unwrap()
+            .contains("stopped for good"),
+        "{r}"
+    );
+    // A SIGTERM stop keeps the instance; `tracker stop` afterwards (a disabled unit's
+    // ExecStopPost) removes it.
+    tracker.stop(nix::sys::signal::Signal::SIGTERM);
+    assert!(instance.is_dir(), "a clean stop keeps the instance");
+    cairn_env(&["tracker", "stop"], &env).ok();
+    assert!(
+        !instance.exists(),
+        "stop without a tracker removes the kept instance"
+    );
+    tracker.spawn();
+    let r = backup_with(&disk.dev, &repo, &state, "");
+    assert_eq!(r["method"], "compare-scan", "{r}");
+    assert!(
+        r["method_reason"]
+            .as_str()
+            .unwrap()
+            .contains("stopped for good"),
+        "{r}"
+    );
+}
+
+#[test]
+fn unreadable_ranges_stay_dirty_for_the_next_backup() {
+    require_root();
+    let work = Work::new();
+    let w = work.path();
+    let disk = LoopDev::new_zeroed(&w.join("disk.img"), 32 * MIB);
+    direct_write(&disk.dev, MIB, 4 * MIB as usize, 1);
+    let state = w.join("state");
+    let repo = w.join("repo");
+    let _tracker = Tracker::start(&disk.dev, &state, &[]);
+    backup_with(&disk.dev, &repo, &state, "--full");
+    direct_write(&disk.dev, 8 * MIB, 65536, 2);
+    // The incremental reads the 64 KiB written; 8 KiB of it fail.
+    let bad = (8 * MIB + 16384, 8192u64);
+    let out = cairn_env(
+        &["backup", &disk.dev, s(&repo), "--name", "disk", "--json"],
+        &[
+            ("CAIRN_STATE_DIR", s(&state)),
+            ("CAIRN_FAULT_READ", &format!("{}:{}", bad.0, bad.1)),
+        ],
+    );
+    assert_eq!(out.code(), Some(3), "{}", out.describe());
+    let r = out.json();
+    assert_eq!(r["method"], "tracked", "{r}");
+    assert_eq!(r["bad_ranges"], serde_json::json!([[bad.0, bad.1]]), "{r}");
+    // Nothing written since, and the disk reads fine now: the unreadable range is read again.
+    let r = backup_with(&disk.dev, &repo, &state, "");
+    assert_eq!(r["method"], "tracked", "{r}");
+    assert!(
+        r["bytes_read"].as_u64().unwrap() >= bad.1,
+        "the next backup must read the unreadable range again: {r}"
+    );
+    assert_eq!(r["bad_ranges"], serde_json::json!([]), "{r}");
+    let truth = w.join("truth.img");
+    copy_device(&disk.dev, &truth);
+    assert_restores_to(&repo, &id_of(&r), &truth, w, "after re-reading bad ranges");
+    // Read again, they are clean: the one after reads nothing.
+    let r = backup_with(&disk.dev, &repo, &state, "");
+    assert_eq!(r["bytes_read"], 0, "{r}");
+}
+
 fn blkzero(dev: &str, off: u64, len: u64) {
     tool(
         "blkdiscard",
@@ -538,7 +875,7 @@ fn blkzero(dev: &str, off: u64, len: u64) {
 #[test]
 fn failed_backup_keeps_its_changes_for_the_next_one() {
     require_root();
-    let work = tempdir();
+    let work = Work::new();
     let w = work.path();
     let disk = LoopDev::new_zeroed(&w.join("disk.img"), 64 * MIB);
     let state = w.join("state");
@@ -580,7 +917,7 @@ fn failed_backup_keeps_its_changes_for_the_next_one() {
 #[test]
 fn chain_damage_is_reported_per_restore_point() {
     require_root();
-    let work = tempdir();
+    let work = Work::new();
     let w = work.path();
     let disk = LoopDev::new_zeroed(&w.join("disk.img"), 32 * MIB);
     let repo = w.join("repo");
@@ -697,7 +1034,7 @@ fn chain_damage_is_reported_per_restore_point() {
 #[test]
 fn differential_needs_only_its_full() {
     require_root();
-    let work = tempdir();
+    let work = Work::new();
     let w = work.path();
     let disk = LoopDev::new_zeroed(&w.join("disk.img"), 32 * MIB);
     let state = w.join("state");
@@ -740,7 +1077,7 @@ fn differential_needs_only_its_full() {
 
 #[test]
 fn compare_scan_stores_only_the_changed_granules() {
-    let work = tempdir();
+    let work = Work::new();
     let w = work.path();
     let src = w.join("src.img");
     write_random_file(&src, 64 * MIB, 21);

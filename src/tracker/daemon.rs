@@ -23,17 +23,56 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+const SYS_BLOCK: &str = "/sys/block";
+
+/// A disk's major:minor from sysfs.
+fn sysfs_devno(name: &str) -> Result<(u32, u32)> {
+    let p = Path::new(SYS_BLOCK).join(name).join("dev");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+    let (a, b) = text
+        .trim()
+        .split_once(':')
+        .ok_or_else(|| anyhow!("{} does not hold major:minor", p.display()))?;
+    Ok((
+        a.parse().with_context(|| format!("{}", p.display()))?,
+        b.parse().with_context(|| format!("{}", p.display()))?,
+    ))
+}
+
 pub const STATE_FILE: &str = "tracker-state.json";
 pub const SOCKET: &str = "tracker.sock";
 const LOCK_FILE: &str = "tracker.lock";
 /// One kernel instance per state directory, so independent trackers (tests, several
-/// configurations) never share or remove each other's instance.
+/// configurations) never share or remove each other's instance; its name records the directory
+/// (instances.rs), so a leftover instance can be traced back to it.
 fn instance_name(state_dir: &Path) -> String {
-    let canon = std::fs::canonicalize(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
-    format!(
-        "cairn-{}",
-        &blake3::hash(canon.as_os_str().as_encoded_bytes()).to_hex()[..12]
-    )
+    super::instances::name_for(state_dir)
+}
+
+/// The pid of the tracker running with `state_dir`, if one is (or is starting).
+pub fn lock_holder(state_dir: &Path) -> Option<u32> {
+    super::instances::flock_holder(&state_dir.join(LOCK_FILE))
+}
+
+/// Whether a tracker started on `state_dir` now would resume its kernel instance, and why not.
+pub fn resumable(state_dir: &Path) -> std::result::Result<(), String> {
+    let p = state_dir.join(STATE_FILE);
+    let bytes = std::fs::read(&p).map_err(|e| format!("no saved state ({e})"))?;
+    let s: SavedState = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("its saved state is unreadable ({e})"))?;
+    if s.version != STATE_VERSION {
+        return Err(format!("its saved state has version {}", s.version));
+    }
+    if s.boot_id != boot_id() {
+        return Err("its saved state is from another boot".into());
+    }
+    if !s.clean_shutdown {
+        return Err(format!(
+            "its tracker (pid {}) did not stop cleanly (killed or crashed)",
+            s.pid
+        ));
+    }
+    Ok(())
 }
 const STATE_VERSION: u32 = 1;
 
@@ -148,7 +187,12 @@ impl Consumer {
 struct Device {
     path: PathBuf,
     disk: (u32, u32),
-    kdev: u32,
+    /// Kernel device numbers whose events are this disk's (the disk itself first, then the
+    /// paths of an NVMe multipath head).
+    kdevs: Vec<u32>,
+    kernel_name: String,
+    /// Hidden multipath paths followed for this disk, as found at start.
+    paths: Vec<String>,
     size: u64,
     identity: String,
     since: String,
@@ -165,6 +209,8 @@ struct State {
     /// since the cut is complete.
     loss_gen: u64,
     events: Vec<BlockEvent>,
+    /// Set by `tracker stop`: the instance is gone and nothing more is drained or saved.
+    stopped_for_good: bool,
 }
 
 fn random_id() -> String {
@@ -195,16 +241,41 @@ fn identity_of(info: &DeviceInfo) -> String {
 }
 
 impl State {
-    fn apply_events(&mut self) -> Result<()> {
-        let missed = self.instance.drain(&mut self.events)?;
+    /// Drains the kernel's buffers and applies every event to the change sets. Draining consumes
+    /// pages: whatever goes wrong from here on (an unreadable buffer, a garbled page, unreadable
+    /// loss counters) may have taken events that were never applied, so every failure breaks
+    /// continuity for every consumer, with the error as the reason. Callers cannot forget to.
+    fn apply_events(&mut self, site: FaultSite) {
+        if self.stopped_for_good {
+            return;
+        }
+        if let Err(e) = self.try_apply_events(site) {
+            let why = format!("reading block events failed ({e:#}) at {}", now_rfc3339());
+            tracing::error!("{why}: affected images will be compare-scanned");
+            self.break_everything(&why);
+        }
+    }
+
+    fn try_apply_events(&mut self, site: FaultSite) -> Result<()> {
+        let drained = self.instance.drain(&mut self.events);
+        let injected = injected_fault(site);
+        if injected.is_some() {
+            // A garbled page: consumed, never applied.
+            self.events.clear();
+        }
+        // Whatever was parsed before a failure is applied all the same: a superset is safe.
         for ev in self.events.drain(..) {
-            if let Some(d) = self.devices.iter_mut().find(|d| d.kdev == ev.dev) {
+            if let Some(d) = self.devices.iter_mut().find(|d| d.kdevs.contains(&ev.dev)) {
                 let from = ev.sector * 512;
                 let to = from + u64::from(ev.nr_sector) * 512;
                 for c in d.consumers.values_mut() {
                     c.mark_bytes(from, to);
                 }
             }
+        }
+        let missed = drained?;
+        if let Some(e) = injected {
+            return Err(e);
         }
         let losses = self.instance.losses()?;
         if missed || losses > self.losses_baseline {
@@ -229,22 +300,32 @@ impl State {
         }
     }
 
-    /// The instance and the devices must still be what we set up; otherwise continuity is gone.
-    fn check_environment(&mut self) -> Result<()> {
+    /// The instance and the devices must still be what we set up; otherwise continuity is gone
+    /// (every finding breaks it here, so there is nothing for a caller to handle).
+    fn check_environment(&mut self) {
         if let Err(e) = self.instance.check_configured() {
             let why = format!(
                 "the tracefs instance was altered ({e:#}) at {}",
                 now_rfc3339()
             );
-            tracing::warn!("{why}");
+            tracing::warn!("{why}; restart the tracker");
             self.break_everything(&why);
-            bail!("{why}; restart the tracker");
+            return;
         }
         for i in 0..self.devices.len() {
             let d = &self.devices[i];
             let current = DeviceInfo::probe(&d.path).ok();
+            let paths = super::trackable::classify(Path::new(SYS_BLOCK), &d.kernel_name);
             let why = match &current {
                 None => Some(format!("{} disappeared", d.path.display())),
+                Some(_) if paths.as_ref() != Ok(&d.paths) => Some(format!(
+                    "{} changed how its writes reach the disk ({}); restart the tracker",
+                    d.path.display(),
+                    match &paths {
+                        Ok(p) => format!("multipath paths now {}", p.join(", ")),
+                        Err(e) => e.clone(),
+                    }
+                )),
                 Some(info) if info.devno != Some(d.disk) => {
                     Some(format!("{} is now another device", d.path.display()))
                 }
@@ -272,7 +353,6 @@ impl State {
                 }
             }
         }
-        Ok(())
     }
 
     fn to_saved(&self, clean: bool) -> SavedState {
@@ -359,8 +439,8 @@ impl State {
             bail!("invalid granule {granule}");
         }
         // Everything the kernel logged before this moment is applied before the set is taken.
-        self.apply_events()?;
-        let _ = self.check_environment();
+        self.apply_events(FaultSite::Cut);
+        self.check_environment();
         let loss_gen = self.loss_gen;
         let dev = self.device_for(disk)?;
         if start.checked_add(len).is_none_or(|end| end > dev.size) {
@@ -437,7 +517,15 @@ impl State {
         })
     }
 
-    fn commit(&mut self, conn: u64, found: Option<Vec<(u64, u64)>>) -> Result<Reply> {
+    /// `keep_dirty`: byte ranges of the source (relative to its start) whose content the image
+    /// could not capture — unreadable sectors. They stay changed in both sets, so the next
+    /// backup reads them again instead of trusting the zeros recorded for them.
+    fn commit(
+        &mut self,
+        conn: u64,
+        found: Option<Vec<(u64, u64)>>,
+        keep_dirty: &[(u64, u64)],
+    ) -> Result<Reply> {
         let loss_gen = self.loss_gen;
         let c = self
             .devices
@@ -470,8 +558,32 @@ impl State {
             }
             CutKind::Incremental => {}
         }
+        for &(off, len) in keep_dirty {
+            let from = c.start.saturating_add(off.min(c.len));
+            let to = c.start.saturating_add(off.saturating_add(len).min(c.len));
+            c.mark_bytes(from, to);
+        }
         self.persist(false)?;
         Ok(Reply::Committed)
+    }
+
+    /// `tracker stop`: no restart is expected, so the instance goes now rather than tracing
+    /// every write until reboot. The saved state says why the next start must compare-scan.
+    fn stop_for_good(&mut self) -> Result<Reply> {
+        let why = format!(
+            "the tracker was stopped for good (cairn tracker stop) at {}",
+            now_rfc3339()
+        );
+        self.break_everything(&why);
+        // The main loop exits once the reply is out (serve sets STOP); until then it idles.
+        self.stopped_for_good = true;
+        let persisted = self.persist(true);
+        self.instance.close_and_remove()?;
+        persisted?;
+        tracing::info!("{why}");
+        Ok(Reply::Stopped {
+            instance: self.instance.path.display().to_string(),
+        })
     }
 
     /// A backup went away without committing: its changes are still changes.
@@ -546,6 +658,28 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     crate::repo::sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
+/// Where events are drained, for the test-only fault hook.
+#[derive(Debug, Clone, Copy)]
+enum FaultSite {
+    Loop,
+    Status,
+    Cut,
+    Stop,
+}
+
+/// Test-only fault hook: with `CAIRN_FAULT_TRACKER=DIR`, a file `DIR/SITE` (loop, status, cut,
+/// stop) makes the next drain at that site lose the pages it read, as a garbled page would, and
+/// fail; the file is removed, so each one fires once. Unset, it costs one getenv per drain.
+fn injected_fault(site: FaultSite) -> Option<anyhow::Error> {
+    let dir = std::env::var_os("CAIRN_FAULT_TRACKER")?;
+    let name = format!("{site:?}").to_lowercase();
+    let trigger = Path::new(&dir).join(&name);
+    std::fs::remove_file(&trigger).ok()?;
+    Some(anyhow!(
+        "injected fault ({name}): a garbled ring-buffer page was discarded"
+    ))
+}
+
 static STOP: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -587,10 +721,23 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
             bail!("{} is not a whole disk: track the disk that holds it (partitions are followed through it)", p.display());
         }
         let disk = info.devno.expect("block device");
+        let kernel_name = info
+            .kernel_name
+            .clone()
+            .ok_or_else(|| anyhow!("cannot track {}: no entry in /sys/block", p.display()))?;
+        let paths = super::trackable::classify(Path::new(SYS_BLOCK), &kernel_name)
+            .map_err(|why| anyhow!("cannot track {}: {why}", p.display()))?;
+        let mut kdevs = vec![tracefs::kernel_dev(disk.0, disk.1)];
+        for path in &paths {
+            let (major, minor) = sysfs_devno(path)?;
+            kdevs.push(tracefs::kernel_dev(major, minor));
+        }
         devices.push(Device {
             path: p.clone(),
             disk,
-            kdev: tracefs::kernel_dev(disk.0, disk.1),
+            kdevs,
+            kernel_name,
+            paths,
             size: info.size,
             identity: identity_of(&info),
             since: now_rfc3339(),
@@ -598,7 +745,7 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
         });
     }
     let root = tracefs::ensure_mounted()?;
-    let kdevs: Vec<u32> = devices.iter().map(|d| d.kdev).collect();
+    let kdevs: Vec<u32> = devices.iter().flat_map(|d| d.kdevs.clone()).collect();
     let filter = tracefs::filter_for(&kdevs);
     let boot = boot_id();
     let saved: Option<SavedState> = std::fs::read(opts.state_dir.join(STATE_FILE))
@@ -684,6 +831,7 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
         losses_baseline,
         loss_gen: 0,
         events: Vec::new(),
+        stopped_for_good: false,
     }));
     state.lock().expect("not poisoned").persist(false)?;
 
@@ -742,12 +890,14 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
         }
         {
             let mut st = state.lock().expect("not poisoned");
-            if let Err(e) = st.apply_events() {
-                tracing::error!("reading block events failed: {e:#}");
-                st.break_everything(&format!("reading block events failed: {e:#}"));
+            if st.stopped_for_good {
+                drop(st);
+                std::thread::sleep(opts.interval);
+                continue;
             }
+            st.apply_events(FaultSite::Loop);
             if last_check.elapsed() >= Duration::from_secs(1) {
-                let _ = st.check_environment();
+                st.check_environment();
                 last_check = Instant::now();
             }
             if last_persist.elapsed() >= Duration::from_secs(10) {
@@ -760,8 +910,12 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
         std::thread::sleep(opts.interval);
     }
     let mut st = state.lock().expect("not poisoned");
-    st.apply_events()?;
     let _ = std::fs::remove_file(&sock_path);
+    if st.stopped_for_good {
+        eprintln!("cairn tracker: stopped for good; its kernel instance is removed");
+        return Ok(());
+    }
+    st.apply_events(FaultSite::Stop);
     st.persist(true)?;
     eprintln!(
         "cairn tracker: stopped; state saved (the kernel keeps buffering until the next start)"
@@ -785,7 +939,7 @@ fn serve(stream: UnixStream, conn: u64, state: Arc<Mutex<State>>) {
                 let mut st = state.lock().expect("not poisoned");
                 let r = match req {
                     Request::Status => {
-                        let _ = st.apply_events();
+                        st.apply_events(FaultSite::Status);
                         Ok(st.status())
                     }
                     Request::Cut {
@@ -797,7 +951,8 @@ fn serve(stream: UnixStream, conn: u64, state: Arc<Mutex<State>>) {
                         kind,
                         parent,
                     } => st.cut(conn, disk, start, len, granule, &consumer, kind, parent),
-                    Request::Commit { found } => st.commit(conn, found),
+                    Request::Commit { found, keep_dirty } => st.commit(conn, found, &keep_dirty),
+                    Request::Stop => st.stop_for_good(),
                 };
                 r.unwrap_or_else(|e| Reply::Error {
                     message: format!("{e:#}"),
@@ -806,7 +961,12 @@ fn serve(stream: UnixStream, conn: u64, state: Arc<Mutex<State>>) {
         };
         let mut text = serde_json::to_string(&reply).expect("serialisable");
         text.push('\n');
-        if out.write_all(text.as_bytes()).is_err() {
+        let written = out.write_all(text.as_bytes());
+        if matches!(reply, Reply::Stopped { .. }) {
+            // Only now: the process exits soon after, and the client must have its answer.
+            STOP.store(true, Ordering::SeqCst);
+        }
+        if written.is_err() {
             break;
         }
     }
@@ -863,24 +1023,35 @@ pub fn saved_status(path: &Path) -> Result<Vec<DeviceStatus>> {
         .collect())
 }
 
+/// Holds the state directory's lock so no tracker starts meanwhile; refused while one runs.
+fn exclude_tracker(state_dir: &Path) -> Result<Option<std::fs::File>> {
+    let lock_path = state_dir.join(LOCK_FILE);
+    if !lock_path.exists() {
+        return Ok(None);
+    }
+    let lock = std::fs::OpenOptions::new().write(true).open(&lock_path)?;
+    // SAFETY: flock on an open descriptor; no memory involved.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        bail!(
+            "a tracker is running with state directory {}; stop it first (cairn tracker stop)",
+            state_dir.display()
+        );
+    }
+    Ok(Some(lock))
+}
+
+fn instance_path(state_dir: &Path) -> PathBuf {
+    Path::new(tracefs::TRACEFS)
+        .join("instances")
+        .join(instance_name(state_dir))
+}
+
 /// `cairn tracker reset`: forget everything for this state directory — the saved state and the
 /// kernel instance that keeps buffering after a clean stop. Refused while a tracker runs.
 pub fn reset(state_dir: &Path) -> Result<bool> {
-    let lock_path = state_dir.join(LOCK_FILE);
-    if lock_path.exists() {
-        let lock = std::fs::OpenOptions::new().write(true).open(&lock_path)?;
-        // SAFETY: flock on an open descriptor; no memory involved.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            bail!(
-                "a tracker is running with state directory {}; stop it first",
-                state_dir.display()
-            );
-        }
-    }
+    let _lock = exclude_tracker(state_dir)?;
     let mut removed = false;
-    let instance = Path::new(tracefs::TRACEFS)
-        .join("instances")
-        .join(instance_name(state_dir));
+    let instance = instance_path(state_dir);
     if instance.exists() {
         tracefs::remove_instance(&instance)?;
         removed = true;
@@ -895,4 +1066,31 @@ pub fn reset(state_dir: &Path) -> Result<bool> {
         }
     }
     Ok(removed)
+}
+
+/// `cairn tracker stop` with no tracker running (a unit's stop after the daemon exited, say):
+/// the instance its clean stop kept is removed, and the saved state records why the next start
+/// must compare-scan. Returns the removed instance, if there was one.
+pub fn stop_stopped(state_dir: &Path) -> Result<Option<PathBuf>> {
+    let _lock = exclude_tracker(state_dir)?;
+    let p = state_dir.join(STATE_FILE);
+    if let Ok(bytes) = std::fs::read(&p) {
+        if let Ok(mut s) = serde_json::from_slice::<SavedState>(&bytes) {
+            let why = format!(
+                "the tracker was stopped for good (cairn tracker stop) at {}",
+                now_rfc3339()
+            );
+            for c in s.devices.iter_mut().flat_map(|d| d.consumers.iter_mut()) {
+                c.image_broken.get_or_insert_with(|| why.clone());
+                c.full_broken.get_or_insert_with(|| why.clone());
+            }
+            write_atomic(&p, &serde_json::to_vec_pretty(&s)?)?;
+        }
+    }
+    let instance = instance_path(state_dir);
+    if !instance.exists() {
+        return Ok(None);
+    }
+    tracefs::remove_instance(&instance)?;
+    Ok(Some(instance))
 }

@@ -4,8 +4,10 @@
 
 pub mod changemap;
 pub mod daemon;
+pub mod instances;
 pub mod protocol;
 pub mod tracefs;
+pub mod trackable;
 
 use anyhow::{anyhow, bail, Context, Result};
 use protocol::{CutKind, DeviceStatus, Reply, Request, Token};
@@ -116,9 +118,18 @@ impl Session {
         }
     }
 
-    /// Call only after the image is safely in the repository.
-    pub fn commit(mut self, found: Option<Vec<(u64, u64)>>) -> Result<()> {
-        match self.call(&Request::Commit { found })? {
+    /// Call only after the image is safely in the repository. `keep_dirty`: byte ranges of the
+    /// source the image could not read; the tracker keeps them changed for the next backup.
+    pub fn commit(
+        mut self,
+        found: Option<Vec<(u64, u64)>>,
+        keep_dirty: &[(u64, u64)],
+    ) -> Result<()> {
+        let req = Request::Commit {
+            found,
+            keep_dirty: keep_dirty.to_vec(),
+        };
+        match self.call(&req)? {
             Reply::Committed => Ok(()),
             _ => bail!("unexpected tracker reply to a commit"),
         }
@@ -132,19 +143,51 @@ impl Session {
     }
 }
 
+/// What `tracker status` knows without a running tracker.
+pub enum Saved {
+    Running,
+    /// Not running; its saved state is shown.
+    Stopped,
+    /// Not running, and this note says why there is nothing to show.
+    Nothing(String),
+}
+
 /// Status from the running daemon, or from its saved state when it is not running.
-pub fn status(state_dir: &Path) -> Result<(bool, Vec<DeviceStatus>)> {
+pub fn status(state_dir: &Path) -> Result<(Saved, Vec<DeviceStatus>)> {
     match Session::connect(state_dir) {
-        Ok(mut s) => Ok((true, s.status()?)),
+        Ok(mut s) => Ok((Saved::Running, s.status()?)),
         Err(e) => {
             let p = state_dir.join(daemon::STATE_FILE);
             if !p.exists() {
-                bail!(
+                let note = format!(
                     "{e:#}, and there is no saved tracker state in {}",
                     state_dir.display()
                 );
+                return Ok((Saved::Nothing(note), Vec::new()));
             }
-            Ok((false, daemon::saved_status(&p)?))
+            Ok((Saved::Stopped, daemon::saved_status(&p)?))
         }
     }
+}
+
+/// `cairn tracker stop`: the running tracker removes its instance and exits (this waits for
+/// the exit); with none running, the instance a clean stop kept is removed. Returns what was
+/// removed.
+pub fn stop(state_dir: &Path) -> Result<Option<String>> {
+    let mut s = match Session::connect(state_dir) {
+        Ok(s) => s,
+        Err(_) => {
+            return Ok(daemon::stop_stopped(state_dir)?.map(|p| p.display().to_string()));
+        }
+    };
+    let instance = match s.call(&Request::Stop)? {
+        Reply::Stopped { instance } => instance,
+        _ => bail!("unexpected tracker reply to stop"),
+    };
+    // The daemon exits without answering again: end of file is its exit.
+    let mut rest = String::new();
+    s.reader
+        .read_line(&mut rest)
+        .context("waiting for the tracker to exit")?;
+    Ok(Some(instance))
 }

@@ -42,7 +42,13 @@ pub enum Request {
     /// compare-scan differential found changed since the full, which repairs the since-full set.
     Commit {
         found: Option<Vec<(u64, u64)>>,
+        /// Byte ranges of the source (offset from its start, length) that stay changed after
+        /// this commit in both sets: what the image could not read, so the next one reads it.
+        #[serde(default)]
+        keep_dirty: Vec<(u64, u64)>,
     },
+    /// Stop the tracker for good: remove its kernel instance (no restart is expected).
+    Stop,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -59,6 +65,10 @@ pub enum Reply {
         reason: Option<String>,
     },
     Committed,
+    /// The tracker removed its instance and is exiting.
+    Stopped {
+        instance: String,
+    },
     Error {
         message: String,
     },

@@ -248,7 +248,7 @@ pub fn parse_page(
                 let rec = data
                     .get(pos + 8..pos + total)
                     .ok_or_else(|| anyhow!("event overruns its page"))?;
-                decode_record(rec, events, out, &mut info);
+                decode_record(rec, events, out, &mut info)?;
                 pos += total.next_multiple_of(4);
                 continue;
             }
@@ -257,7 +257,7 @@ pub fn parse_page(
                 let rec = data
                     .get(pos + 4..pos + total)
                     .ok_or_else(|| anyhow!("event overruns its page"))?;
-                decode_record(rec, events, out, &mut info);
+                decode_record(rec, events, out, &mut info)?;
                 pos += total;
                 continue;
             }
@@ -271,28 +271,34 @@ pub fn parse_page(
     Ok(info)
 }
 
+/// Decodes one record. Records of other events (a `trace_marker` write into the instance, say)
+/// are skipped; one of ours that is too short for its format is a garbled page, and an error:
+/// skipping it could drop a write.
 fn decode_record(
     rec: &[u8],
     events: &[BlockLayout],
     out: &mut Vec<BlockEvent>,
     info: &mut PageInfo,
-) {
+) -> Result<()> {
     if rec.len() < 2 {
-        return;
+        bail!("ring-buffer record of {} bytes has no event id", rec.len());
     }
     let id = u16::from_le_bytes([rec[0], rec[1]]);
     let Some(l) = events.iter().find(|l| l.id == id) else {
-        return;
+        return Ok(());
     };
     let get = |f: Field| rec.get(f.offset..f.offset + f.size);
     let (Some(dev), Some(sector), Some(nr), Some(rwbs)) =
         (get(l.dev), get(l.sector), get(l.nr_sector), get(l.rwbs))
     else {
-        return;
+        bail!(
+            "block event record (id {id}) of {} bytes is shorter than its format",
+            rec.len()
+        );
     };
     let nr_sector = u32::from_le_bytes(nr.try_into().expect("4"));
     if nr_sector == 0 || !rwbs_changes_data(rwbs) {
-        return;
+        return Ok(());
     }
     info.events += 1;
     out.push(BlockEvent {
@@ -300,6 +306,7 @@ fn decode_record(
         sector: u64::from_le_bytes(sector.try_into().expect("8")),
         nr_sector,
     });
+    Ok(())
 }
 
 /// Loss counters of one CPU's buffer (cumulative since the instance was created).
@@ -469,11 +476,11 @@ impl Instance {
             .sum()
     }
 
-    /// Stops tracing and removes the instance.
-    pub fn remove(self) -> Result<()> {
-        let path = self.path.clone();
-        drop(self.readers);
-        Self::remove_path(&path)
+    /// Stops tracing and removes the instance; later drains read nothing.
+    pub fn close_and_remove(&mut self) -> Result<()> {
+        // The buffers must be closed first: an open trace_pipe_raw keeps the instance busy.
+        self.readers.clear();
+        Self::remove_path(&self.path)
     }
 
     fn remove_path(path: &Path) -> Result<()> {
@@ -611,6 +618,24 @@ mod tests {
         let mut out = Vec::new();
         let _ = parse_page(&p, &pl, &[layout], &mut out);
         assert!(parse_page(&p[..10], &pl, &[layout], &mut out).is_err());
+    }
+
+    #[test]
+    fn a_truncated_record_of_ours_is_an_error_not_a_skipped_write() {
+        let pl = PageLayout::parse(HEADER_PAGE).unwrap();
+        let layout = BlockLayout::from_format(&EventFormat::parse(BIO_QUEUE_618).unwrap()).unwrap();
+        let mut short = record(2097, kernel_dev(7, 2), 2088, 8, "WS");
+        short.truncate(20);
+        let mut out = Vec::new();
+        let e = parse_page(&page(&[short], false, false), &pl, &[layout], &mut out).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("shorter than its format"),
+            "{e:#}"
+        );
+        // Another event's short record is not ours to judge.
+        let mut other = record(1234, kernel_dev(7, 2), 1, 1, "W");
+        other.truncate(8);
+        assert!(parse_page(&page(&[other], false, false), &pl, &[layout], &mut out).is_ok());
     }
 
     #[test]
