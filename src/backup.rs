@@ -194,9 +194,11 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
 
     // What to compare with: the parent chain, checked restorable above (dropped when not needed,
     // as it holds every index of the chain).
-    let base_chain: Vec<Image> = match method {
-        Method::CompareScan => parent_chain,
-        _ => Vec::new(),
+    let base_chain: Vec<Image> = if method == Method::CompareScan {
+        parent_chain
+    } else {
+        drop(parent_chain);
+        Vec::new()
     };
     let work = match (method, &cut) {
         (Method::Tracked, Some(c)) => Work::Extents(extents_from_runs(
