@@ -118,8 +118,18 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
         Some(n) => n.clone(),
         None => info.default_name(),
     };
-    let history = images_of_name(&repo, &name)?;
-    let Decision { kind, parent, note } = decide_kind(opts.kind, &history, &name);
+    let catalogue = repo.catalogue()?;
+    let history = images_of_name(&repo, &catalogue, &name);
+    let Decision {
+        kind,
+        parent,
+        parent_chain,
+        note,
+        fallback,
+    } = decide_kind(opts.kind, &history, &name, |m| restorable_chain(&repo, m));
+    if let Some(why) = catalogue.doubt_newest(catalogue.newest_of(&name)) {
+        tracing::warn!("{why}: it may be the newest image of {name}; the new image is relative to the newest readable one");
+    }
 
     // The tracker is asked for every backup, a full included: the cut starts (or continues) the
     // history the next incremental proves its continuity against.
@@ -160,6 +170,8 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     };
     let (method, method_reason) = match (kind, &cut) {
         (ImageKind::Full, _) => (Method::Full, None),
+        // The tracker's changes are relative to the image it cut last, which is not the parent.
+        _ if fallback.is_some() => (Method::CompareScan, fallback.clone()),
         (_, Some(c)) if c.changed.is_some() => (Method::Tracked, None),
         (_, Some(c)) => (Method::CompareScan, c.reason.clone()),
         (_, None) => (Method::CompareScan, tracker_problem.clone()),
@@ -180,15 +192,13 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     let id = repo.new_image_id(created_unix, &lock);
     let mut writer = repo.begin_image(&id, opts.segment_size, &lock)?;
 
-    // What to read, and what to compare it with.
-    let base_chain: Vec<Image> = match (method, &parent) {
-        (Method::CompareScan, Some((m, _))) => chain::resolve(&repo, &m.id).with_context(|| {
-            format!(
-                "the parent image {} cannot be read for a compare-scan",
-                m.id
-            )
-        })?,
-        _ => Vec::new(),
+    // What to compare with: the parent chain, checked restorable above (dropped when not needed,
+    // as it holds every index of the chain).
+    let base_chain: Vec<Image> = if method == Method::CompareScan {
+        parent_chain
+    } else {
+        drop(parent_chain);
+        Vec::new()
     };
     let work = match (method, &cut) {
         (Method::Tracked, Some(c)) => Work::Extents(extents_from_runs(
@@ -302,6 +312,24 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
         )
     })?;
     progress.finish();
+    drop(base_chain);
+    // The parent chain again, just before commit: an image deleted or replaced by hand during the
+    // run must not leave a new image on a broken chain.
+    if let Some((m, h)) = &parent {
+        let chain = restorable_chain(&repo, m).with_context(|| {
+            format!(
+                "backup of {} failed; the repository is unchanged: the parent chain broke during the backup",
+                opts.source.display()
+            )
+        })?;
+        if chain.last().map(|i| i.manifest_hash) != Some(*h) {
+            bail!(
+                "backup of {} failed; the repository is unchanged: the parent image {} was replaced during the backup",
+                opts.source.display(),
+                m.id
+            );
+        }
+    }
 
     let segments = writer.finish_segments()?;
     let (entries, bad_ranges) = entries;
@@ -348,6 +376,7 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
             seq: c.token.seq,
         }),
         partition_table,
+        sequence: Some(repo.reserve_sequence(&catalogue, &lock)?),
     };
     let (manifest_bytes, _) = manifest.encode();
     writer.commit(&index_bytes, &manifest_bytes)?;
@@ -399,14 +428,22 @@ struct Decision {
     kind: ImageKind,
     /// The image this one is relative to, with its manifest hash.
     parent: Option<(Manifest, format::Hash)>,
+    /// The parent's restore point, oldest first (empty for a full).
+    parent_chain: Vec<Image>,
     note: Option<String>,
+    /// Why the parent is not the image the kind asks for (whose chain is broken), when it is not.
+    fallback: Option<String>,
 }
 
-/// Full for a new name (or when asked); otherwise incremental (default) or differential.
+/// Full for a new name (or when asked); otherwise incremental (default) or differential, relative
+/// to the newest image (the newest full for a differential) whose chain is restorable. Never onto
+/// a broken chain: when that image's chain is broken the parent is the newest restorable one
+/// before it (`fallback` says so), and a full when there is none.
 fn decide_kind(
     asked: Option<ImageKind>,
     history: &[(Manifest, format::Hash)],
     name: &str,
+    mut restorable: impl FnMut(&Manifest) -> Result<Vec<Image>>,
 ) -> Decision {
     let wanted = asked.unwrap_or(if history.is_empty() {
         ImageKind::Full
@@ -416,43 +453,85 @@ fn decide_kind(
     let full = |note: Option<String>| Decision {
         kind: ImageKind::Full,
         parent: None,
+        parent_chain: Vec::new(),
         note,
+        fallback: None,
     };
     if wanted == ImageKind::Full {
         return full(None);
     }
-    let parent = match wanted {
-        ImageKind::Differential => history
-            .iter()
-            .rev()
-            .find(|(m, _)| m.kind == ImageKind::Full),
-        _ => history.last(),
-    };
-    let Some(parent) = parent else {
+    let mut candidates = history
+        .iter()
+        .rev()
+        .filter(|(m, _)| wanted != ImageKind::Differential || m.kind == ImageKind::Full)
+        .peekable();
+    if candidates.peek().is_none() {
         return full(Some(format!(
             "{name} has no full image yet: taking a full image, which starts the chain"
         )));
-    };
-    Decision {
-        kind: wanted,
-        parent: Some(parent.clone()),
-        note: None,
     }
-}
-
-/// Every readable image of `name`, oldest first. Damaged manifests are skipped here (verify
-/// reports them): a damaged image is never taken as a parent.
-fn images_of_name(repo: &Repository, name: &str) -> Result<Vec<(Manifest, format::Hash)>> {
-    let mut out = Vec::new();
-    for id in repo.image_ids()? {
-        match repo.load_manifest(&id) {
-            Ok((m, h)) if m.name == name => out.push((m, h)),
-            Ok(_) => {}
-            Err(e) => tracing::warn!("skipping unreadable image: {e:#}"),
+    let mut broken: Option<String> = None;
+    for candidate in candidates {
+        match restorable(&candidate.0) {
+            Ok(chain) => {
+                let fallback = broken.map(|why| {
+                    format!(
+                        "{why}; this {} is relative to {}, the newest restorable image, by compare-scan",
+                        wanted.as_str(),
+                        candidate.0.id
+                    )
+                });
+                return Decision {
+                    kind: wanted,
+                    parent: Some(candidate.clone()),
+                    parent_chain: chain,
+                    note: fallback.clone(),
+                    fallback,
+                };
+            }
+            Err(e) => {
+                broken.get_or_insert_with(|| {
+                    format!(
+                        "image {} cannot be a parent, its restore point is broken ({e:#})",
+                        candidate.0.id
+                    )
+                });
+            }
         }
     }
-    // image_ids() is in creation order already.
-    Ok(out)
+    full(Some(format!(
+        "{}; no image of {name} is restorable: taking a full image, which starts a new chain",
+        broken.unwrap_or_default()
+    )))
+}
+
+/// The restore point ending at `m`, when it is complete and restorable: every manifest and index
+/// present and checked, parent hashes matching, every segment present at its size.
+fn restorable_chain(repo: &Repository, m: &Manifest) -> Result<Vec<Image>> {
+    let chain = chain::resolve(repo, &m.id)?;
+    for img in &chain {
+        img.check_segments_present()?;
+    }
+    Ok(chain)
+}
+
+/// Every readable image of `name`, oldest first. Unreadable manifests are never taken as a parent
+/// (`verify` reports them).
+fn images_of_name(
+    repo: &Repository,
+    catalogue: &crate::repo::Catalogue,
+    name: &str,
+) -> Vec<(Manifest, format::Hash)> {
+    catalogue
+        .of_name(name)
+        .filter_map(|i| match repo.load_manifest(&i.id) {
+            Ok(mh) => Some(mh),
+            Err(e) => {
+                tracing::warn!("skipping unreadable image: {e:#}");
+                None
+            }
+        })
+        .collect()
 }
 
 /// The whole disk and byte range the tracker knows this source by.

@@ -23,11 +23,14 @@ pub struct Row {
     pub status: String,
 }
 
+/// Rows in the repository's order, oldest first (`repo::image_order`); images whose manifest cannot
+/// be read have no known place and come last.
 pub fn run(repo: &Repository) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
-    for id in repo.image_ids()? {
+    for id in repo.image_dir_ids()? {
         let row = match repo.load_manifest(&id) {
             Ok((m, _)) => {
+                let sequence = m.sequence;
                 let status = match repo
                     .load_image(&id)
                     .and_then(|img| img.check_segments_present())
@@ -35,7 +38,7 @@ pub fn run(repo: &Repository) -> Result<Vec<Row>> {
                     Ok(()) => "complete".to_string(),
                     Err(e) => format!("damaged: {e:#}"),
                 };
-                Row {
+                let row = Row {
                     id: id.clone(),
                     name: Some(m.name.clone()),
                     kind: Some(m.kind.as_str()),
@@ -52,26 +55,37 @@ pub fn run(repo: &Repository) -> Result<Vec<Row>> {
                     stored_bytes: Some(m.stats.stored_bytes),
                     partition_table: m.partition_table.clone(),
                     status,
-                }
+                };
+                (Some(sequence), row)
             }
-            Err(e) => Row {
-                id: id.clone(),
-                name: None,
-                kind: None,
-                parent: None,
-                created: None,
-                method: None,
-                source: None,
-                source_size: None,
-                data_bytes: None,
-                stored_bytes: None,
-                partition_table: None,
-                status: format!("damaged: {e:#}"),
-            },
+            Err(e) => (
+                None,
+                Row {
+                    id: id.clone(),
+                    name: None,
+                    kind: None,
+                    parent: None,
+                    created: None,
+                    method: None,
+                    source: None,
+                    source_size: None,
+                    data_bytes: None,
+                    stored_bytes: None,
+                    partition_table: None,
+                    status: format!("damaged: {e:#}"),
+                },
+            ),
         };
         rows.push(row);
     }
-    Ok(rows)
+    // Readable rows (`Some(sequence)`) in order, then the unreadable ones by id.
+    rows.sort_by(|(a, ra), (b, rb)| {
+        a.is_none().cmp(&b.is_none()).then_with(|| {
+            crate::repo::image_order(a.flatten(), &ra.id)
+                .cmp(&crate::repo::image_order(b.flatten(), &rb.id))
+        })
+    });
+    Ok(rows.into_iter().map(|(_, row)| row).collect())
 }
 
 /// One line about a partition table, under an image's row in `list`.

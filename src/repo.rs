@@ -3,7 +3,7 @@
 
 use crate::format::frame::image_tag;
 use crate::format::{
-    self, parse_hash_hex, segment_file_name, FormatError, FrameHeader, Index, Manifest,
+    self, parse_hash_hex, segment_file_name, FormatError, FrameHeader, ImageKind, Index, Manifest,
     SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use anyhow::{anyhow, bail, Context, Result};
@@ -177,8 +177,9 @@ impl Repository {
             .expect("unbounded")
     }
 
-    /// Every image directory's id, sorted (ids sort by creation time).
-    pub fn image_ids(&self) -> Result<Vec<String>> {
+    /// Every image directory's id, sorted by id for stable output. Ids are not the repository's
+    /// order (a clock can be wrong): `catalogue` gives that.
+    pub fn image_dir_ids(&self) -> Result<Vec<String>> {
         let dir = self.images_dir();
         let mut ids = Vec::new();
         for e in fs::read_dir(&dir)
@@ -190,8 +191,128 @@ impl Repository {
                 ids.push(name);
             }
         }
-        ids.sort_by(|a, b| id_order(a).cmp(&id_order(b)));
+        ids.sort();
         Ok(ids)
+    }
+
+    /// Every image in the repository's order, and the images whose manifest cannot be read.
+    pub fn catalogue(&self) -> Result<Catalogue> {
+        let mut images = Vec::new();
+        let mut unreadable = Vec::new();
+        for id in self.image_dir_ids()? {
+            match self.load_manifest(&id) {
+                Ok((m, _)) => images.push(Listed {
+                    id,
+                    name: m.name,
+                    kind: m.kind,
+                    sequence: m.sequence,
+                }),
+                Err(e) => unreadable.push((id, format!("{e:#}"))),
+            }
+        }
+        images.sort_by(|a, b| image_order(a.sequence, &a.id).cmp(&image_order(b.sequence, &b.id)));
+        Ok(Catalogue {
+            images,
+            unreadable,
+            counter: self.read_sequence_counter(),
+        })
+    }
+
+    fn sequence_path(&self) -> PathBuf {
+        self.root.join("sequence")
+    }
+
+    /// The counter file's value; None when it is absent or unreadable.
+    fn read_sequence_counter(&self) -> Option<u64> {
+        let text = fs::read_to_string(self.sequence_path()).ok()?;
+        let t = text.strip_suffix('\n')?;
+        if t.is_empty() || t.len() > 20 || !t.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        t.parse().ok()
+    }
+
+    /// Takes the next sequence number for an image about to be published: one more than both the
+    /// counter file and every readable manifest, so a damaged manifest's number (still counted by
+    /// the counter) and a lost counter (every manifest still counts) are never reused. The counter
+    /// is on disk before this returns, so it is on disk before the image is.
+    pub fn reserve_sequence(&self, catalogue: &Catalogue, _lock: &RepoLock) -> Result<u64> {
+        if catalogue.counter.is_none() && self.sequence_path().exists() {
+            tracing::warn!(
+                "{} is damaged; numbering images after the readable manifests",
+                self.sequence_path().display()
+            );
+        }
+        let next = catalogue
+            .counter
+            .into_iter()
+            .chain(catalogue.images.iter().filter_map(|i| i.sequence))
+            .max()
+            .unwrap_or(0)
+            .checked_add(1)
+            .context("the repository's sequence counter is exhausted")?;
+        let tmp = self.root.join("sequence.new");
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(format!("{next}\n").as_bytes())
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        fs::rename(&tmp, self.sequence_path())
+            .with_context(|| format!("cannot replace {}", self.sequence_path().display()))?;
+        sync_dir(&self.root)?;
+        Ok(next)
+    }
+
+    /// Picks the image a command works on: `--image`, else the newest of `--name`, else the newest
+    /// of the only name in the repository. Never an older image in place of a newest one that
+    /// cannot be read: an unreadable manifest that could be the newest is an error naming it.
+    pub fn select_image(&self, name: Option<&str>, image: Option<&str>) -> Result<String> {
+        if let Some(id) = image {
+            let (m, _) = self.load_manifest(id)?;
+            if let Some(n) = name {
+                if m.name != n {
+                    bail!("image {id} belongs to {:?}, not {n:?}", m.name);
+                }
+            }
+            return Ok(id.to_string());
+        }
+        let cat = self.catalogue()?;
+        let newest = match name {
+            Some(n) => cat.newest_of(n),
+            None => {
+                let names: std::collections::BTreeSet<&str> =
+                    cat.images.iter().map(|i| i.name.as_str()).collect();
+                if names.len() > 1 {
+                    bail!(
+                        "repository {} holds several names ({}); choose one with --name or --image",
+                        self.root.display(),
+                        names.into_iter().collect::<Vec<_>>().join(", ")
+                    );
+                }
+                cat.images.last()
+            }
+        };
+        if let Some(why) = cat.doubt_newest(newest) {
+            let what = match name {
+                Some(n) => format!("the newest image of {n:?}"),
+                None => "the newest image".to_string(),
+            };
+            bail!(
+                "{why}: it may be {what}, so no older image is chosen in its place; \
+                 restore an image explicitly with --image ID (`cairn list` shows them) \
+                 and check the repository with `cairn verify`"
+            );
+        }
+        match (newest, name) {
+            (Some(img), _) => Ok(img.id.clone()),
+            (None, Some(n)) => bail!("no image named {n:?} in {}", self.root.display()),
+            (None, None) => bail!("repository {} holds no images", self.root.display()),
+        }
     }
 
     /// Loads an image's manifest (checked) without its index.
@@ -261,9 +382,75 @@ impl Repository {
     }
 }
 
-/// Creation order of image ids: the timestamp, then the numeric `-N` suffix given to images made
-/// within the same second (so `-10` sorts after `-9`).
-pub fn id_order(id: &str) -> (&str, u64) {
+/// A readable image's place in the repository.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub id: String,
+    pub name: String,
+    pub kind: ImageKind,
+    pub sequence: Option<u64>,
+}
+
+/// The repository's images in order, oldest first (docs/format.md, "Image order").
+pub struct Catalogue {
+    pub images: Vec<Listed>,
+    /// Image directories whose manifest cannot be read, with the error (which names the image):
+    /// their name and place in the order are unknown.
+    pub unreadable: Vec<(String, String)>,
+    /// The sequence counter file's value; None when absent or unreadable.
+    pub counter: Option<u64>,
+}
+
+impl Catalogue {
+    /// Readable images of `name`, oldest first.
+    pub fn of_name<'a>(&'a self, name: &'a str) -> impl DoubleEndedIterator<Item = &'a Listed> {
+        self.images.iter().filter(move |i| i.name == name)
+    }
+
+    pub fn newest_of(&self, name: &str) -> Option<&Listed> {
+        self.images.iter().rfind(|i| i.name == name)
+    }
+
+    /// Whether an unreadable image could come after `img` (or exist where no readable image
+    /// does), as words naming the unreadable images; None when none can. Only the counter
+    /// bounds an unreadable image's sequence: `img` is provably last when it holds the counter's
+    /// value and no readable image is numbered past the counter.
+    pub fn doubt_newest(&self, img: Option<&Listed>) -> Option<String> {
+        if self.unreadable.is_empty() {
+            return None;
+        }
+        let highest = self.images.iter().filter_map(|i| i.sequence).max();
+        let provably_last = match (img.and_then(|i| i.sequence), self.counter) {
+            (Some(s), Some(c)) => s == c && highest <= Some(c),
+            _ => false,
+        };
+        if provably_last {
+            return None;
+        }
+        let listed: Vec<String> = self
+            .unreadable
+            .iter()
+            .take(5)
+            .map(|(_, why)| why.clone())
+            .collect();
+        let more = self.unreadable.len().saturating_sub(5);
+        Some(if more > 0 {
+            format!("{} and {more} more", listed.join("; "))
+        } else {
+            listed.join("; ")
+        })
+    }
+}
+
+/// The repository's order: sequenced images by sequence, after every unsequenced one (written
+/// before sequences existed), which keep the order of their ids. The id breaks ties only.
+pub fn image_order(sequence: Option<u64>, id: &str) -> (Option<u64>, (&str, u64)) {
+    (sequence, id_order(id))
+}
+
+/// Order of ids: the text, then the numeric `-N` suffix given to ids made within the same second
+/// (so `-10` sorts after `-9`).
+fn id_order(id: &str) -> (&str, u64) {
     match id.rsplit_once('-') {
         Some((base, n)) if !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()) => {
             (base, n.parse().unwrap_or(u64::MAX))

@@ -10,7 +10,6 @@ use crate::repo::{Image, Repository};
 use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
-use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::io::{BufRead, IsTerminal, Write};
 use std::os::unix::fs::FileExt;
@@ -59,43 +58,9 @@ pub struct RestoreReport {
 const QUEUE_DEPTH: usize = 8;
 const POOL_BUFFERS: usize = 16;
 
-/// Picks the image a command works on: `--image`, else the newest of `--name`, else the newest of
-/// the only name in the repository.
+/// Picks the image a command works on (`Repository::select_image`).
 pub fn select_image(repo: &Repository, name: Option<&str>, image: Option<&str>) -> Result<String> {
-    if let Some(id) = image {
-        let (m, _) = repo.load_manifest(id)?;
-        if let Some(n) = name {
-            if m.name != n {
-                bail!("image {id} belongs to {:?}, not {n:?}", m.name);
-            }
-        }
-        return Ok(id.to_string());
-    }
-    let mut newest: BTreeMap<String, (u64, String)> = BTreeMap::new();
-    for id in repo.image_ids()? {
-        match repo.load_manifest(&id) {
-            Ok((m, _)) => {
-                // image_ids() is in creation order: the last one seen is the newest.
-                newest.insert(m.name.clone(), (m.created_unix, m.id));
-            }
-            Err(e) => tracing::warn!("skipping unreadable image: {e:#}"),
-        }
-    }
-    match name {
-        Some(n) => newest
-            .remove(n)
-            .map(|(_, id)| id)
-            .ok_or_else(|| anyhow!("no image named {n:?} in {}", repo.root.display())),
-        None => match newest.len() {
-            0 => bail!("repository {} holds no images", repo.root.display()),
-            1 => Ok(newest.into_values().next().expect("one").1),
-            _ => bail!(
-                "repository {} holds several names ({}); choose one with --name or --image",
-                repo.root.display(),
-                newest.keys().cloned().collect::<Vec<_>>().join(", ")
-            ),
-        },
-    }
+    repo.select_image(name, image)
 }
 
 pub fn run(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> {

@@ -43,27 +43,33 @@ pub fn run(
     image: Option<&str>,
     progress: &Progress,
 ) -> Result<VerifyReport> {
+    // A manifest that cannot be read has no known name: it is reported with every selection, as
+    // it may belong to the name asked for.
     let selected: Vec<String> = match (name, image) {
         (_, Some(id)) => {
-            crate::restore::select_image(repo, name, Some(id))?;
+            repo.select_image(name, Some(id))?;
             vec![id.to_string()]
         }
         (Some(n), None) => {
-            let ids: Vec<String> = repo
-                .image_ids()?
-                .into_iter()
-                .filter(|id| {
-                    repo.load_manifest(id)
-                        .map(|(m, _)| m.name == n)
-                        .unwrap_or(false)
-                })
+            let cat = repo.catalogue()?;
+            let ids: Vec<String> = cat
+                .of_name(n)
+                .map(|i| i.id.clone())
+                .chain(cat.unreadable.iter().map(|(id, _)| id.clone()))
                 .collect();
             if ids.is_empty() {
                 anyhow::bail!("no image named {n:?} in {}", repo.root.display());
             }
             ids
         }
-        (None, None) => repo.image_ids()?,
+        (None, None) => {
+            let cat = repo.catalogue()?;
+            cat.images
+                .into_iter()
+                .map(|i| i.id)
+                .chain(cat.unreadable.into_iter().map(|(id, _)| id))
+                .collect()
+        }
     };
     // Check each image once, including ancestors the selected ones depend on. Whether a point is
     // restorable is decided by the same chain resolution restore uses (manifests present, parent

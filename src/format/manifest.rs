@@ -122,6 +122,11 @@ pub struct Manifest {
     /// The source disk's partition table, read at backup start (whole disks and disk-image files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition_table: Option<crate::ptable::PartitionTable>,
+    /// The image's place in the repository's order: one more than the highest sequence in the
+    /// repository when it was written (from 1). Absent in manifests written before it existed;
+    /// those order by id, before every sequenced image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequence: Option<u64>,
 }
 
 impl Manifest {
@@ -237,6 +242,9 @@ impl Manifest {
         if parse_hash_hex(&self.index.blake3).is_none() {
             return Err(corrupt("index hash invalid"));
         }
+        if self.sequence == Some(0) {
+            return Err(corrupt("sequence 0 is invalid (sequences start at 1)"));
+        }
         if self.index.size
             != super::Index::encoded_len(0)
                 + self
@@ -301,6 +309,7 @@ pub(crate) mod tests {
             bad_ranges: Vec::new(),
             tracking: None,
             partition_table: None,
+            sequence: Some(7),
         }
     }
 
@@ -330,6 +339,18 @@ pub(crate) mod tests {
         ));
         assert!(Manifest::decode(b"").is_err());
         assert!(Manifest::decode(b"cairn-manifest 1 blake3=zz\n{}").is_err());
+    }
+
+    #[test]
+    fn sequence_is_optional_and_starts_at_one() {
+        let mut m = sample();
+        m.sequence = None;
+        let (b, _) = m.encode();
+        assert!(!String::from_utf8_lossy(&b).contains("sequence"));
+        assert_eq!(Manifest::decode(&b).unwrap().0.sequence, None);
+        m.sequence = Some(0);
+        let (b, _) = m.encode();
+        assert!(Manifest::decode(&b).is_err());
     }
 
     #[test]
