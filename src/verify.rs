@@ -28,6 +28,9 @@ pub struct ImageStatus {
     pub restorable: bool,
     pub damaged_blocks: u64,
     pub errors: Vec<String>,
+    /// What is unreadable at this restore point (its whole chain considered); absent when the
+    /// point is not restorable.
+    pub unreadable: Option<crate::chain::Unreadable>,
 }
 
 #[derive(Debug, Serialize)]
@@ -91,6 +94,13 @@ pub fn run(
             next = grandparent;
         }
         status.restorable = chain_ok;
+        // The chain walk above reports why a point that fails here is not restorable.
+        if chain_ok {
+            status.unreadable = crate::chain::resolve(repo, id)
+                .and_then(|c| crate::chain::unreadable_at(&c))
+                .ok()
+                .map(|u| crate::chain::Unreadable::summary(&u));
+        }
         images.push(status);
     }
     let ok = images.iter().all(|i| intact(i.status) && i.restorable);
@@ -115,6 +125,7 @@ fn check_image(repo: &Repository, id: &str, progress: &Progress) -> Checked {
         restorable: false,
         damaged_blocks: 0,
         errors: Vec::new(),
+        unreadable: None,
     };
     let img = match repo.load_image(id) {
         Ok(img) => img,
@@ -143,9 +154,12 @@ fn check_image(repo: &Repository, id: &str, progress: &Progress) -> Checked {
         st.errors.truncate(MAX_ERRORS);
         st.errors.push(format!("... and {more} more"));
     }
+    if let Err(e) = crate::chain::bad_ranges(&img) {
+        st.errors.push(format!("{e:#}"));
+    }
     if !st.errors.is_empty() {
         st.status = "damaged";
-    } else if !img.manifest.bad_ranges.is_empty() {
+    } else if img.manifest.has_bad_ranges() {
         st.status = "intact-with-bad-sectors";
     }
     Checked { status: st, parent }
