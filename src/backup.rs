@@ -803,6 +803,7 @@ fn read_all(
     let mut next = 0u64;
     let mut reached = 0u64;
     let mut failed_reads = 0usize;
+    let mut bad_bytes = 0u64;
     loop {
         while next < total && q.in_flight() < q.depth() {
             let buf = if q.in_flight() == 0 {
@@ -907,12 +908,18 @@ fn read_all(
                     }
                 }
                 match bad.last_mut() {
-                    Some((bo, bl)) if *bo + *bl > o => *bl = (*bl).max(o + l - *bo),
-                    Some((bo, bl)) if *bo + *bl == o => *bl += l,
-                    _ => bad.push((o, l)),
+                    Some((bo, bl)) if *bo + *bl >= o => {
+                        let grown = (*bl).max(o + l - *bo);
+                        bad_bytes += grown - *bl;
+                        *bl = grown;
+                    }
+                    _ => {
+                        bad_bytes += l;
+                        bad.push((o, l));
+                    }
                 }
             }
-            let total: u64 = bad.iter().map(|r| r.1).sum();
+            let total = bad_bytes;
             if let Some(max) = geo.max_bad.filter(|&m| total > m) {
                 bail!("{total} bytes of the source are unreadable, more than --max-bad allows ({max} bytes); giving up (see `cairn backup --help` on --max-bad)");
             }
