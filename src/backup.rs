@@ -22,7 +22,7 @@ use crate::format::{
 use crate::progress::Progress;
 use crate::repo::{Image, Repository};
 use crate::tracker::{self, protocol::CutKind, protocol::Token};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -40,8 +40,42 @@ pub struct BackupOptions {
     pub block_size: u32,
     /// Where the change tracker keeps its socket and state.
     pub state_dir: PathBuf,
-    /// Fail when more than this many bytes are unreadable (None: no limit).
-    pub max_bad: Option<u64>,
+    /// When to give up on a failing source.
+    pub max_bad: MaxBad,
+}
+
+/// How much of the source may be unreadable before the backup gives up (`--max-bad`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MaxBad {
+    /// Never give up.
+    Unlimited,
+    Bytes(u64),
+    /// A share of the source size, in percent.
+    Percent(f64),
+    /// [`MaxBad::DEFAULT_PERCENT`] of the source, at least [`MaxBad::DEFAULT_FLOOR`].
+    Default,
+}
+
+impl MaxBad {
+    /// A disk with scattered bad sectors, the usual case ddrescue users report (from kilobytes to
+    /// a few hundred megabytes lost), stays far below 1 %; a failed head or a large damaged
+    /// surface leaves several percent and more unreadable, and every unreadable sector costs
+    /// the drive's internal retries (seconds each): such a disk is better served by ddrescue's
+    /// skip-and-return-later passes than by hours of bisecting that may finish it off.
+    pub const DEFAULT_PERCENT: f64 = 1.0;
+    /// Small sources (a USB stick, one partition) still finish with a few bad areas.
+    pub const DEFAULT_FLOOR: u64 = 64 << 20;
+
+    /// The limit in bytes for a source of `size` bytes (None: no limit).
+    pub fn limit(self, size: u64) -> Option<u64> {
+        let share = |p: f64| (size as f64 * p / 100.0) as u64;
+        match self {
+            MaxBad::Unlimited => None,
+            MaxBad::Bytes(b) => Some(b),
+            MaxBad::Percent(p) => Some(share(p)),
+            MaxBad::Default => Some(share(Self::DEFAULT_PERCENT).max(Self::DEFAULT_FLOOR)),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -234,7 +268,7 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
         block_size,
         granule,
         sector: info.logical_sector_size.max(512) as usize,
-        max_bad: opts.max_bad,
+        max_bad: opts.max_bad.limit(info.size),
     };
     let mut stats = Stats::default();
     let mut found: Vec<(u64, u64)> = Vec::new();
@@ -243,6 +277,7 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
         handle,
         buffers,
         geometry,
+        &opts.source,
         opts.level,
         &work,
         &base_chain,
@@ -337,6 +372,15 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     let index_bytes = index.encode();
     stats.stored_bytes = segments.iter().map(|s| s.size).sum::<u64>() + index_bytes.len() as u64;
     stats.duration_ms = started.elapsed().as_millis() as u64;
+    // Unreadable ranges go to their own binary file: a dying disk can have hundreds of thousands,
+    // too many for the manifest's JSON.
+    let bad_ranges_file = if bad_ranges.is_empty() {
+        None
+    } else {
+        let (bytes, r) = format::badranges::encode(&bad_ranges);
+        writer.add_file(format::badranges::FILE_NAME, &bytes)?;
+        Some(r)
+    };
     let base_full = match (&parent, kind) {
         (_, ImageKind::Full) | (None, _) => None,
         (Some((m, _)), _) => Some(m.base_full.clone().unwrap_or_else(|| m.id.clone())),
@@ -370,7 +414,8 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
         },
         segments,
         stats: stats.clone(),
-        bad_ranges: bad_ranges.clone(),
+        bad_ranges: Vec::new(),
+        bad_ranges_file,
         tracking: cut.as_ref().map(|c| TrackingRef {
             lineage: c.token.lineage.clone(),
             seq: c.token.seq,
@@ -379,6 +424,15 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
         sequence: Some(repo.reserve_sequence(&catalogue, &lock)?),
     };
     let (manifest_bytes, _) = manifest.encode();
+    // Never publish what the loader would refuse.
+    if manifest_bytes.len() as u64 > format::manifest::MAX_MANIFEST_LEN {
+        bail!(
+            "backup of {} failed; the repository is unchanged: its manifest would be {} bytes, more than the {} a reader accepts",
+            opts.source.display(),
+            manifest_bytes.len(),
+            format::manifest::MAX_MANIFEST_LEN
+        );
+    }
     writer.commit(&index_bytes, &manifest_bytes)?;
     drop(lock);
     // Only now, with the image published, may the tracker forget what this image holds —
@@ -653,6 +707,8 @@ struct ReadUnit {
     buf: AlignedBuf,
     /// For a compare-scan: what the base chain holds for this block.
     expected: Option<Vec<Piece>>,
+    /// Unreadable ranges (absolute, ascending) not to store: the parent chain's data stays.
+    skip: Vec<(u64, u64)>,
 }
 
 impl crate::pipeline::Sequenced for ReadUnit {
@@ -687,10 +743,12 @@ type BadRanges = Vec<(u64, u64)>;
 /// Backup's use of the ordered pipeline: the source reader, `workers` block stages, and `sink`
 /// called for each read unit in order on the caller's thread. Returns the index entries the sink
 /// produced and the unreadable ranges the reader found.
+#[allow(clippy::too_many_arguments)]
 fn pipeline(
     handle: device::Handle,
     buffers: Vec<AlignedBuf>,
     geo: Geometry,
+    source: &std::path::Path,
     level: i32,
     work: &Work,
     base: &[Image],
@@ -710,7 +768,7 @@ fn pipeline(
     let bad = crate::pipeline::run(
         device::buf::stage_workers(),
         POOL_BUFFERS,
-        move |tx| read_all(handle, geo, work, base, free_rx, tx),
+        move |tx| read_all(handle, geo, source, work, base, free_rx, tx),
         || block_stage(level, geo.granule as usize, base),
         &mut writer,
     )?;
@@ -723,9 +781,66 @@ fn pipeline(
     Ok((writer.entries, bad))
 }
 
+/// Log lines about individual unreadable ranges before they are only counted (a dying disk can
+/// have hundreds of thousands; `cairn badmap` lists them all).
+const LOGGED_BAD_RANGES: usize = 20;
+
+/// Watches the source for the failures that are not bad sectors: a device that went away or
+/// changed size under the backup (see device::fault for why each errno means what).
+struct SourceWatch<'a> {
+    file: &'a std::fs::File,
+    path: &'a std::path::Path,
+    size: u64,
+    faults: Option<&'a device::fault::Faults>,
+}
+
+impl SourceWatch<'_> {
+    /// Fails when the source is no longer there at the size the backup started with.
+    fn check(&self, reached: u64) -> Result<()> {
+        let path = self.path.display();
+        match device::fault::current_size(self.file, self.faults, reached) {
+            Ok(s) if s == self.size => Ok(()),
+            Ok(0) => bail!(
+                "the source {path} went away during the backup (its size is now 0, noticed at offset {reached}): reconnect it and back up again"
+            ),
+            Ok(s) => bail!(
+                "the source {path} changed size during the backup (from {} to {s} bytes, noticed at offset {reached}): back up again once it is stable",
+                self.size
+            ),
+            Err(e) if device::fault::means_gone(&e) => bail!(
+                "the source {path} went away during the backup (checking its size after offset {reached}: {}): reconnect it and back up again",
+                device::fault::describe(&e)
+            ),
+            Err(e) => bail!(
+                "cannot check the size of the source {path} after a read error ({})",
+                device::fault::describe(&e)
+            ),
+        }
+    }
+
+    /// The error for a read failure that is not a bad sector, after checking whether the
+    /// source is still there (a vanished or resized device explains it better).
+    fn fatal(&self, offset: u64, e: &std::io::Error) -> anyhow::Error {
+        if let Err(why) = self.check(offset) {
+            return why;
+        }
+        let path = self.path.display();
+        let what = device::fault::describe(e);
+        if device::fault::means_gone(e) {
+            anyhow!("the source {path} went away during the backup (reading offset {offset} failed with {what}): reconnect it and back up again")
+        } else if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            anyhow!("the source {path} ended early, at offset {offset} of {} bytes: back up again once it is stable", self.size)
+        } else {
+            anyhow!("reading the source {path} failed at offset {offset} with {what}: a failure of the device or its connection, not a bad sector")
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn read_all(
     mut handle: device::Handle,
     geo: Geometry,
+    source: &std::path::Path,
     work: &Work,
     base: &[Image],
     free_rx: Receiver<AlignedBuf>,
@@ -739,6 +854,9 @@ fn read_all(
         Work::Compare if !base.is_empty() => Some(Planner::new(base)),
         _ => None,
     };
+    // A full image keeps zeros where the source was unreadable; an incremental or differential
+    // stores nothing there, so the parent chain's data stays in force (and is flagged).
+    let store_unreadable = matches!(work, Work::All);
     let unit = |i: u64| -> (u64, u64) {
         match work {
             Work::All | Work::Compare => (i * bs, (geo.size - i * bs).min(bs)),
@@ -751,8 +869,17 @@ fn read_all(
     };
     // Expected pieces wait here from submission until their read completes.
     let mut expected: BTreeMap<u64, Vec<Piece>> = BTreeMap::new();
+    let watch = SourceWatch {
+        file: &handle.file,
+        path: source,
+        size: geo.size,
+        faults: faults.as_ref(),
+    };
     let q = &mut handle.queue;
     let mut next = 0u64;
+    let mut reached = 0u64;
+    let mut failed_reads = 0usize;
+    let mut bad_bytes = 0u64;
     loop {
         while next < total && q.in_flight() < q.depth() {
             let buf = if q.in_flight() == 0 {
@@ -779,6 +906,7 @@ fn read_all(
                     fit_pieces(p.next().unwrap_or_default(), offset, want as u64),
                 );
             }
+            reached = reached.max(offset);
             q.submit(Request {
                 op: Op::Read,
                 tag: next,
@@ -792,34 +920,84 @@ fn read_all(
             next += 1;
         }
         if q.in_flight() == 0 {
+            // A device that grew or shrank without failing a read is caught here.
+            watch.check(reached)?;
             return Ok(bad);
         }
         let mut c = q.wait().context("waiting for a read")?;
         let (_, want) = unit(c.tag);
+        let mut skip: Vec<(u64, u64)> = Vec::new();
         if let Err(e) = &c.result {
+            if device::fault::classify(e) == device::fault::ErrorClass::Fatal {
+                return Err(watch.fatal(c.offset, e));
+            }
+            watch.check(reached)?;
             // A failing disk: do not give up on the image. Narrow the failure down to the
-            // unreadable sectors, keep them as zeros and record where they are.
-            tracing::warn!(
-                "read error at offset {} ({e}); narrowing it down to the unreadable sectors",
-                c.offset
-            );
+            // unreadable sectors and record where they are.
+            failed_reads += 1;
+            if failed_reads <= LOGGED_BAD_RANGES {
+                tracing::warn!(
+                    "read error at offset {} ({}); narrowing it down to the unreadable sectors",
+                    c.offset,
+                    device::fault::describe(e)
+                );
+            }
             let found = device::fault::read_around_errors(
-                &handle.file,
+                watch.file,
                 c.offset,
                 &mut c.buf.as_mut_slice()[..want as usize],
                 geo.sector,
                 faults.as_ref(),
-            );
+            )
+            .map_err(|e| watch.fatal(c.offset, &e))?;
+            // Reads that failed because the device died meanwhile are not bad sectors.
+            watch.check(reached)?;
             for (o, l) in found {
-                tracing::warn!("unreadable: {l} bytes at offset {o}, stored as zeros");
+                if bad.len() < LOGGED_BAD_RANGES {
+                    tracing::warn!(
+                        "unreadable: {l} bytes at offset {o}, {}",
+                        if store_unreadable {
+                            "stored as zeros"
+                        } else {
+                            "the parent chain's data stays for the granules around them"
+                        }
+                    );
+                } else if bad.len() == LOGGED_BAD_RANGES {
+                    tracing::warn!("more unreadable ranges follow; `cairn badmap` lists them all");
+                }
+                // Index entries are whole granules, so an image that stores nothing for a bad
+                // sector stores nothing for its granule either: the parent's data stands for all
+                // of it, and all of it is recorded (the rest of the granule was read, but a
+                // restore does not give what was read there).
+                let (o, l) = if store_unreadable {
+                    (o, l)
+                } else {
+                    let g = u64::from(geo.granule);
+                    let start = o / g * g;
+                    let end = ((o + l).div_ceil(g) * g).min(geo.size);
+                    (start, end - start)
+                };
+                if !store_unreadable {
+                    match skip.last_mut() {
+                        Some((so, sl)) if *so + *sl >= o => *sl = (*sl).max(o + l - *so),
+                        _ => skip.push((o, l)),
+                    }
+                }
                 match bad.last_mut() {
-                    Some((bo, bl)) if *bo + *bl == o => *bl += l,
-                    _ => bad.push((o, l)),
+                    Some((bo, bl)) if *bo + *bl >= o => {
+                        let grown = (*bl).max(o + l - *bo);
+                        bad_bytes += grown - *bl;
+                        *bl = grown;
+                    }
+                    _ => {
+                        bad_bytes += l;
+                        bad.push((o, l));
+                    }
                 }
             }
-            let total: u64 = bad.iter().map(|r| r.1).sum();
+            let total = bad_bytes;
             if let Some(max) = geo.max_bad.filter(|&m| total > m) {
-                bail!("{total} bytes of the source are unreadable, more than --max-bad {max}; giving up");
+                bail!("{total} bytes of the source are unreadable, more than --max-bad allows ({max} bytes); giving up (see `cairn backup --help` on --max-bad)");
             }
         }
         let unit = ReadUnit {
@@ -828,6 +1006,7 @@ fn read_all(
             len: want as usize,
             buf: c.buf,
             expected: expected.remove(&c.tag),
+            skip,
         };
         if work_tx.send(unit).is_err() {
             return Ok(bad);
@@ -854,19 +1033,18 @@ fn block_stage(
     let mut comparer = Comparer::new(base, granule)?;
     Ok(move |u: ReadUnit| {
         let data = &u.buf.as_slice()[..u.len];
+        let wanted = match &u.expected {
+            None => vec![(0, u.len)],
+            Some(pieces) => comparer.changed_ranges(data, u.offset, pieces)?,
+        };
         let mut outs = Vec::new();
-        match &u.expected {
-            None => outs.push(stage_extent(&mut compressor, data, 0, u.offset)),
-            Some(pieces) => {
-                for (start, end) in comparer.changed_ranges(data, u.offset, pieces)? {
-                    outs.push(stage_extent(
-                        &mut compressor,
-                        &data[start..end],
-                        start,
-                        u.offset + start as u64,
-                    ));
-                }
-            }
+        for (start, end) in without(wanted, &u.skip, u.offset) {
+            outs.push(stage_extent(
+                &mut compressor,
+                &data[start..end],
+                start,
+                u.offset + start as u64,
+            ));
         }
         Ok(Processed {
             len: u.len,
@@ -874,6 +1052,42 @@ fn block_stage(
             buf: u.buf,
         })
     })
+}
+
+/// `ranges` (ascending, disjoint, relative to a unit read at `offset`) minus the absolute,
+/// ascending ranges `skip`.
+fn without(ranges: Vec<(usize, usize)>, skip: &[(u64, u64)], offset: u64) -> Vec<(usize, usize)> {
+    if skip.is_empty() {
+        return ranges;
+    }
+    let skip: Vec<(usize, usize)> = skip
+        .iter()
+        .map(|&(o, l)| ((o - offset) as usize, (o - offset + l) as usize))
+        .collect();
+    let mut out = Vec::new();
+    let mut si = 0;
+    for (mut start, end) in ranges {
+        while si < skip.len() && skip[si].1 <= start {
+            si += 1;
+        }
+        let mut k = si;
+        while start < end {
+            match skip.get(k) {
+                Some(&(s, e)) if s < end => {
+                    if s > start {
+                        out.push((start, s));
+                    }
+                    start = start.max(e);
+                    k += 1;
+                }
+                _ => {
+                    out.push((start, end));
+                    break;
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Zero test, hash, and compression of one extent (`at` is its position in the read buffer).
@@ -1089,6 +1303,26 @@ mod tests {
             fit_pieces(Vec::new(), 1 << 20, 4096),
             vec![p(1 << 20, 4096, Source::Zero)]
         );
+    }
+
+    #[test]
+    fn unreadable_ranges_are_left_out_of_what_is_stored() {
+        let at = 1 << 20;
+        let skip = [(at + 4096, 4096), (at + 16384, 8192)];
+        assert_eq!(
+            without(vec![(0, 8192), (12288, 20480), (32768, 40960)], &skip, at),
+            vec![(0, 4096), (12288, 16384), (32768, 40960)]
+        );
+        assert_eq!(without(vec![(0, 65536)], &[], at), vec![(0, 65536)]);
+        assert_eq!(without(vec![(4096, 8192)], &skip, at), vec![]);
+    }
+
+    #[test]
+    fn max_bad_default_is_a_share_with_a_floor() {
+        assert_eq!(MaxBad::Default.limit(1 << 30), Some(64 << 20));
+        assert_eq!(MaxBad::Default.limit(1 << 40), Some((1u64 << 40) / 100));
+        assert_eq!(MaxBad::Percent(50.0).limit(1000), Some(500));
+        assert_eq!(MaxBad::Unlimited.limit(1000), None);
     }
 
     #[test]

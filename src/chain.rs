@@ -230,3 +230,187 @@ pub fn precheck(
     progress.finish();
     Ok(())
 }
+
+/// The source ranges (offset, length) image `img` could not read: its `badranges` file, or the
+/// manifest's inline list in images written before that file existed. Checked against the
+/// manifest (count, hash, order, bounds).
+pub fn bad_ranges(img: &Image) -> Result<Vec<(u64, u64)>> {
+    let m = &img.manifest;
+    let Some(r) = &m.bad_ranges_file else {
+        return Ok(m.bad_ranges.clone());
+    };
+    let path = img.dir.join(crate::format::badranges::FILE_NAME);
+    let want = crate::format::badranges::encoded_len(r.ranges);
+    let file = std::fs::File::open(&path).map_err(|e| {
+        anyhow::anyhow!(
+            "image {}: its list of unreadable ranges ({}) is missing: {e}",
+            m.id,
+            crate::format::badranges::FILE_NAME
+        )
+    })?;
+    let len = file.metadata()?.len();
+    if len != want {
+        bail!(
+            "image {}: {} is {len} bytes, the manifest says {want} (truncated or damaged)",
+            m.id,
+            crate::format::badranges::FILE_NAME
+        );
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, want), &mut bytes)?;
+    crate::format::badranges::decode(&bytes, r, m.source.size).map_err(|e| {
+        crate::repo::image_error(m.id.as_str(), crate::format::badranges::FILE_NAME, None, e)
+    })
+}
+
+/// The ranges (offset, length) whose content is unknown at the restore point `chain` ends with:
+/// the union over the chain of each image's unreadable ranges, minus what a later image read
+/// successfully.
+///
+/// The same newest-first rule as [`Planner`], with "read" in place of "holds": per byte, the
+/// newest image that tried to read it decides. An image that could not read it flags it (and,
+/// being an incremental or differential, stored nothing there, so an older image's data is what a
+/// restore gives); an image that read it clears it, stored or not (a compare-scan stores only what
+/// differs from its parent, but it read everything). A full image and a compare-scan read the
+/// whole source; a tracked image read exactly what its index holds. Bytes at or past an image's
+/// source size are zero from that image on, so known. Linear in the ranges and entries it visits,
+/// and it stops at the first image that read the whole source.
+pub fn unreadable_at(chain: &[Image]) -> Result<Vec<(u64, u64)>> {
+    let Some(last) = chain.last() else {
+        return Ok(Vec::new());
+    };
+    let mut open = vec![(0u64, last.manifest.source.size)];
+    let mut flagged: Vec<(u64, u64)> = Vec::new();
+    for img in chain.iter().rev() {
+        if open.is_empty() {
+            break;
+        }
+        let m = &img.manifest;
+        let bad: Vec<(u64, u64)> = bad_ranges(img)?
+            .into_iter()
+            .map(|(o, l)| (o, o + l))
+            .collect();
+        flagged.extend(spans::intersect(&open, &bad));
+        open = spans::subtract(&open, &bad);
+        let read: Vec<(u64, u64)> = match m.method {
+            crate::format::Method::Tracked => {
+                spans::merged(img.index.entries.iter().map(|e| (e.offset, e.end())))
+            }
+            _ => vec![(0, m.source.size)],
+        };
+        open = spans::subtract(&open, &read);
+        open = spans::subtract(&open, &[(m.source.size, u64::MAX)]);
+    }
+    flagged.sort_unstable();
+    Ok(spans::merged(flagged.into_iter())
+        .into_iter()
+        .map(|(s, e)| (s, e - s))
+        .collect())
+}
+
+/// Operations on ascending, disjoint half-open byte spans `(start, end)`, each linear.
+mod spans {
+    pub fn merged(it: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in it.filter(|(s, e)| s < e) {
+            match out.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => out.push((s, e)),
+            }
+        }
+        out
+    }
+
+    pub fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+        let (mut i, mut j) = (0, 0);
+        let mut out = Vec::new();
+        while i < a.len() && j < b.len() {
+            let (s, e) = (a[i].0.max(b[j].0), a[i].1.min(b[j].1));
+            if s < e {
+                out.push((s, e));
+            }
+            if a[i].1 < b[j].1 {
+                i += 1;
+            } else {
+                j += 1;
+            }
+        }
+        out
+    }
+
+    pub fn subtract(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut j = 0;
+        for &(mut s, e) in a {
+            while j < b.len() && b[j].1 <= s {
+                j += 1;
+            }
+            let mut k = j;
+            while s < e {
+                match b.get(k) {
+                    Some(&(bs, be)) if bs < e => {
+                        if bs > s {
+                            out.push((s, bs));
+                        }
+                        s = s.max(be);
+                        k += 1;
+                    }
+                    _ => {
+                        out.push((s, e));
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn span_algebra() {
+            let a = [(0, 10), (20, 30), (40, 50)];
+            let b = [(5, 25), (45, 46), (49, 60)];
+            assert_eq!(
+                intersect(&a, &b),
+                vec![(5, 10), (20, 25), (45, 46), (49, 50)]
+            );
+            assert_eq!(subtract(&a, &b), vec![(0, 5), (25, 30), (40, 45), (46, 49)]);
+            assert_eq!(subtract(&a, &[]), a.to_vec());
+            assert_eq!(subtract(&[(0, 100)], &[(0, 100)]), vec![]);
+            assert_eq!(
+                merged([(0, 5), (5, 7), (9, 9), (10, 12)].into_iter()),
+                vec![(0, 7), (10, 12)]
+            );
+        }
+    }
+}
+
+/// What is unreadable at a restore point, for reports (`verify`, `show`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Unreadable {
+    /// Unreadable bytes in all.
+    pub bytes: u64,
+    /// How many ranges.
+    pub count: u64,
+    /// The ranges (offset, length), the first [`Unreadable::LISTED`] of them; `cairn badmap`
+    /// lists all.
+    pub ranges: Vec<(u64, u64)>,
+    /// True when `ranges` is not the whole list.
+    pub truncated: bool,
+}
+
+impl Unreadable {
+    pub const LISTED: usize = 1000;
+
+    pub fn summary(all: &[(u64, u64)]) -> Unreadable {
+        Unreadable {
+            bytes: all.iter().map(|r| r.1).sum(),
+            count: all.len() as u64,
+            ranges: all.iter().take(Self::LISTED).copied().collect(),
+            truncated: all.len() > Self::LISTED,
+        }
+    }
+}

@@ -25,7 +25,8 @@ The first backup of a disk is full; later ones are incremental (--differential: 
 Run `cairn tracker run /dev/sda` (at boot: tools/cairn-tracker.service) so they read only what\n\
 changed; without it they compare-scan (read everything, store what differs).",
     after_help = "Exit status: 0 success, 1 error (one line on stderr says what and what to do), 2 usage error, \
-3 backup complete but some source sectors were unreadable (stored as zeros; see `cairn badmap`)."
+3 backup complete but some source sectors were unreadable (a full image holds zeros there, an incremental \
+or differential its parent's data; `cairn badmap` lists them)."
 )]
 pub struct Cli {
     /// More log output (-v info, -vv debug).
@@ -100,10 +101,13 @@ struct BackupArgs {
     /// Split image data into files of at most this size (2G fits FAT32 media).
     #[arg(long, default_value = "2G", value_parser = parse_size)]
     segment_size: u64,
-    /// Give up when more than this much of the source is unreadable (e.g. 10M) [default: no
-    /// limit: a failing disk is imaged as far as it can be read].
-    #[arg(long, value_parser = parse_size, value_name = "SIZE")]
-    max_bad: Option<u64>,
+    /// Give up (exit 1, no image kept) when more than this much of the source is unreadable: a
+    /// size (64M), a share of the source (0.5%), or `none` to image a failing disk as far as it
+    /// can be read [default: 1% of the source, at least 64M: a disk with scattered bad sectors,
+    /// the usual case, finishes; one with a failed head or a large damaged area stops before
+    /// retries wear it out further: copy it with GNU ddrescue, which reads the good areas first].
+    #[arg(long, value_parser = parse_max_bad, value_name = "SIZE|PERCENT%|none")]
+    max_bad: Option<backup::MaxBad>,
     /// Block size: the unit read, hashed and compressed (power of two, 64K..16M).
     #[arg(long, default_value = "1M", value_parser = parse_size)]
     block_size: u64,
@@ -216,6 +220,21 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// `--max-bad`: a size, a percentage of the source, or `none`.
+fn parse_max_bad(s: &str) -> Result<backup::MaxBad, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(backup::MaxBad::Unlimited);
+    }
+    if let Some(p) = s.strip_suffix('%') {
+        return match p.trim().parse::<f64>() {
+            Ok(v) if (0.0..=100.0).contains(&v) => Ok(backup::MaxBad::Percent(v)),
+            _ => Err(format!("{s:?}: a percentage from 0% to 100%")),
+        };
+    }
+    parse_size(s).map(backup::MaxBad::Bytes)
+}
+
 pub fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
@@ -254,7 +273,7 @@ pub fn main() -> Result<()> {
                 segment_size: a.segment_size,
                 block_size: bs as u32,
                 state_dir: crate::tracker::state_dir(cli.state_dir.as_deref()),
-                max_bad: a.max_bad,
+                max_bad: a.max_bad.unwrap_or(backup::MaxBad::Default),
             };
             let r = backup::run(&opts, &progress)?;
             if cli.json {
@@ -285,10 +304,15 @@ pub fn main() -> Result<()> {
             }
             if r.bad_bytes > 0 {
                 return Err(anyhow::Error::new(PartialImage(format!(
-                    "image {} is complete but {} bytes in {} ranges were unreadable and are zeros in it; `cairn badmap {} --image {}` lists them",
+                    "image {} is complete but {} bytes in {} ranges were unreadable ({}); `cairn badmap {} --image {}` lists them",
                     r.id,
                     r.bad_bytes,
                     r.bad_ranges.len(),
+                    if r.kind == "full" {
+                        "zeros in the image"
+                    } else {
+                        "the parent chain's data stands there, flagged"
+                    },
                     opts.repo.display(),
                     r.id
                 ))));
@@ -349,7 +373,7 @@ pub fn main() -> Result<()> {
                     let what = match (i.status, i.restorable) {
                         ("ok", true) => "ok".to_string(),
                         ("intact-with-bad-sectors", true) => {
-                            "ok, but the source had unreadable sectors (zeros in the image; see `cairn badmap`)".to_string()
+                            "ok, but the source had unreadable sectors".to_string()
                         }
                         (_, false) if verify::intact(i.status) => {
                             "intact, but not restorable (a parent is damaged)".to_string()
@@ -357,6 +381,14 @@ pub fn main() -> Result<()> {
                         _ => format!("DAMAGED ({} damaged blocks)", i.damaged_blocks),
                     };
                     eprintln!("{} {}: {what}", i.id, i.name.as_deref().unwrap_or("?"));
+                    if let Some(u) = i.unreadable.as_ref().filter(|u| u.count > 0) {
+                        eprintln!(
+                            "  unreadable at this restore point: {} in {} ranges (`cairn badmap --image {}`)",
+                            human_bytes(u.bytes),
+                            u.count,
+                            i.id
+                        );
+                    }
                     for e in &i.errors {
                         eprintln!("  {e}");
                     }
@@ -387,13 +419,18 @@ pub fn main() -> Result<()> {
             let repo = Repository::open(&a.repo)?;
             let id =
                 restore::select_image(&repo, a.select.name.as_deref(), a.select.image.as_deref())?;
-            let (m, _) = repo.load_manifest(&id)?;
+            let chain = crate::chain::resolve(&repo, &id)?;
+            let unreadable = crate::chain::unreadable_at(&chain)?;
+            let m = &chain.last().expect("non-empty chain").manifest;
             if cli.json {
-                print_json(
-                    &serde_json::json!({"id": id, "size": m.source.size, "bad_ranges": m.bad_ranges}),
-                );
+                print_json(&serde_json::json!({
+                    "id": id,
+                    "size": m.source.size,
+                    "unreadable_bytes": unreadable.iter().map(|r| r.1).sum::<u64>(),
+                    "bad_ranges": unreadable,
+                }));
             } else {
-                print!("{}", ddrescue_map(&m, &id));
+                print!("{}", ddrescue_map(m, &id, &unreadable));
             }
         }
         Command::Tracker(t) => tracker_command(t, cli.state_dir.as_deref(), cli.json)?,
@@ -402,10 +439,21 @@ pub fn main() -> Result<()> {
             let id =
                 restore::select_image(&repo, a.select.name.as_deref(), a.select.image.as_deref())?;
             let (m, _) = repo.load_manifest(&id)?;
+            // What is unreadable at this point needs the whole chain; a chain that cannot be
+            // read is reported, and the manifest is shown anyway.
+            let unreadable = crate::chain::resolve(&repo, &id)
+                .and_then(|c| crate::chain::unreadable_at(&c))
+                .map(|u| crate::chain::Unreadable::summary(&u))
+                .map_err(|e| format!("{e:#}"));
             if cli.json {
-                print_json(&m);
+                let mut v = serde_json::to_value(&m).expect("serialisable");
+                v["unreadable"] = match &unreadable {
+                    Ok(u) => serde_json::to_value(u).expect("serialisable"),
+                    Err(e) => serde_json::json!({ "error": e }),
+                };
+                print_json(&v);
             } else {
-                for l in list::show_lines(&m) {
+                for l in list::show_lines(&m, &unreadable) {
                     println!("{l}");
                 }
             }
@@ -606,8 +654,8 @@ impl std::fmt::Display for PartialImage {
 
 impl std::error::Error for PartialImage {}
 
-/// GNU ddrescue's mapfile: '+' read fine, '-' unreadable (stored as zeros).
-fn ddrescue_map(m: &crate::format::Manifest, id: &str) -> String {
+/// GNU ddrescue's mapfile of a restore point: '+' read fine, '-' unreadable (`bad`).
+fn ddrescue_map(m: &crate::format::Manifest, id: &str, bad: &[(u64, u64)]) -> String {
     let mut out = format!(
         "# Mapfile. Created by cairn {} for image {id} of {}\n# current_pos  current_status  current_pass\n0x{:08X}     +               1\n#      pos        size  status\n",
         env!("CARGO_PKG_VERSION"),
@@ -615,7 +663,7 @@ fn ddrescue_map(m: &crate::format::Manifest, id: &str) -> String {
         m.source.size
     );
     let mut at = 0u64;
-    for &(o, l) in &m.bad_ranges {
+    for &(o, l) in bad {
         if o > at {
             out.push_str(&format!("0x{at:08X}  0x{:08X}  +\n", o - at));
         }

@@ -115,8 +115,12 @@ pub fn table_summary(t: &crate::ptable::PartitionTable) -> String {
     )
 }
 
-/// `cairn show`: what one image's manifest says, for a person.
-pub fn show_lines(m: &crate::format::Manifest) -> Vec<String> {
+/// `cairn show`: what one image's manifest says, for a person, with what is unreadable at its
+/// restore point (or why that cannot be told).
+pub fn show_lines(
+    m: &crate::format::Manifest,
+    unreadable: &Result<crate::chain::Unreadable, String>,
+) -> Vec<String> {
     use crate::restore::human_bytes;
     let s = &m.source;
     let mut out = vec![
@@ -150,6 +154,22 @@ pub fn show_lines(m: &crate::format::Manifest) -> Vec<String> {
         m.stats.blocks_total,
         human_bytes(m.stats.stored_bytes)
     ));
+    if m.has_bad_ranges() {
+        out.push(format!(
+            "bad reads  {} of the source could not be read by this image",
+            human_bytes(m.bad_bytes())
+        ));
+    }
+    match unreadable {
+        Ok(u) if u.count == 0 => out.push("unreadable none at this restore point".to_string()),
+        Ok(u) => out.push(format!(
+            "unreadable {} in {} ranges at this restore point (`cairn badmap --image {}` lists them)",
+            human_bytes(u.bytes),
+            u.count,
+            m.id
+        )),
+        Err(e) => out.push(format!("unreadable unknown: {e}")),
+    }
     match &m.partition_table {
         Some(t) => out.extend(t.describe()),
         None => out.push("no partition table recorded".to_string()),

@@ -619,6 +619,11 @@ impl ImageWriter {
         Ok(self.finished.clone())
     }
 
+    /// Writes one more file of the image (synced), before `commit` publishes it.
+    pub fn add_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        write_file_synced(&self.dir.join(name), bytes)
+    }
+
     /// Writes index and manifest, then atomically publishes the image.
     pub fn commit(mut self, index_bytes: &[u8], manifest_bytes: &[u8]) -> Result<PathBuf> {
         self.close_segment()?;

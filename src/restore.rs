@@ -73,14 +73,14 @@ pub fn run(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> 
         img.check_segments_present()
             .with_context(|| format!("image {id} cannot be restored"))?;
     }
-    for img in &chain {
-        if !img.manifest.bad_ranges.is_empty() {
-            let bytes: u64 = img.manifest.bad_ranges.iter().map(|r| r.1).sum();
-            tracing::warn!(
-                "image {} was taken from a failing source: {bytes} unreadable bytes are zeros in it (`cairn badmap` lists them)",
-                img.id()
-            );
-        }
+    let unreadable =
+        chain::unreadable_at(&chain).with_context(|| format!("image {id} cannot be restored"))?;
+    if !unreadable.is_empty() {
+        let bytes: u64 = unreadable.iter().map(|r| r.1).sum();
+        tracing::warn!(
+            "restore point {id} was taken from a failing source: {bytes} bytes in {} ranges could not be read (zeros, or an older image's data where its chain has one; `cairn badmap --image {id}` lists them)",
+            unreadable.len()
+        );
     }
     let target_img = chain.last().expect("non-empty chain");
     let m = &target_img.manifest;

@@ -29,6 +29,9 @@ pub struct ImageStatus {
     pub restorable: bool,
     pub damaged_blocks: u64,
     pub errors: Vec<String>,
+    /// What is unreadable at this restore point (its whole chain considered); absent when the
+    /// point is not restorable.
+    pub unreadable: Option<crate::chain::Unreadable>,
 }
 
 #[derive(Debug, Serialize)]
@@ -103,6 +106,15 @@ pub fn run(
                         break;
                     }
                 }
+                if status.restorable {
+                    match crate::chain::unreadable_at(&chain) {
+                        Ok(u) => status.unreadable = Some(crate::chain::Unreadable::summary(&u)),
+                        Err(e) => {
+                            status.restorable = false;
+                            status.errors.push(format!("{e:#}"));
+                        }
+                    }
+                }
             }
         }
         images.push(status);
@@ -124,6 +136,7 @@ fn check_image(repo: &Repository, id: &str, progress: &Progress) -> ImageStatus 
         restorable: false,
         damaged_blocks: 0,
         errors: Vec::new(),
+        unreadable: None,
     };
     let img = match repo.load_image(id) {
         Ok(img) => img,
@@ -148,9 +161,12 @@ fn check_image(repo: &Repository, id: &str, progress: &Progress) -> ImageStatus 
         st.errors.truncate(MAX_ERRORS);
         st.errors.push(format!("... and {more} more"));
     }
+    if let Err(e) = crate::chain::bad_ranges(&img) {
+        st.errors.push(format!("{e:#}"));
+    }
     if !st.errors.is_empty() {
         st.status = "damaged";
-    } else if !img.manifest.bad_ranges.is_empty() {
+    } else if img.manifest.has_bad_ranges() {
         st.status = "intact-with-bad-sectors";
     }
     st

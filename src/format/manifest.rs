@@ -81,6 +81,16 @@ pub struct TrackingRef {
     pub seq: u64,
 }
 
+/// The `badranges` file of an image (format/badranges.rs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadRangesRef {
+    /// Number of ranges in the file.
+    pub ranges: u64,
+    /// Their total length.
+    pub bytes: u64,
+    pub blake3: String,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
     pub bytes_read: u64,
@@ -112,9 +122,15 @@ pub struct Manifest {
     pub index: IndexRef,
     pub segments: Vec<SegmentRef>,
     pub stats: Stats,
-    /// Source ranges (byte offset, length) that could not be read: the image holds zeros there.
+    /// Source ranges (byte offset, length) that could not be read, inline: images written before
+    /// `bad_ranges_file` existed. New images leave it empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bad_ranges: Vec<(u64, u64)>,
+    /// The `badranges` file listing the source ranges this image could not read (a full image
+    /// holds zeros there; an incremental or differential holds nothing, so its parent's data is
+    /// what a restore gives there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bad_ranges_file: Option<BadRangesRef>,
     /// The change tracker's cut this image corresponds to, when a tracker was running: the next
     /// incremental or differential hands it back to prove continuity since this image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -239,6 +255,16 @@ impl Manifest {
             }
             end = o + l;
         }
+        if let Some(r) = &self.bad_ranges_file {
+            if !self.bad_ranges.is_empty()
+                || parse_hash_hex(&r.blake3).is_none()
+                || r.ranges == 0
+                || r.ranges > r.bytes
+                || r.bytes > self.source.size
+            {
+                return Err(corrupt("bad-range file reference invalid"));
+            }
+        }
         if parse_hash_hex(&self.index.blake3).is_none() {
             return Err(corrupt("index hash invalid"));
         }
@@ -255,6 +281,19 @@ impl Manifest {
             return Err(corrupt("index size does not match its entry count"));
         }
         Ok(())
+    }
+
+    /// Whether this image could not read some of its source.
+    pub fn has_bad_ranges(&self) -> bool {
+        !self.bad_ranges.is_empty() || self.bad_ranges_file.is_some()
+    }
+
+    /// How many bytes of its source this image could not read.
+    pub fn bad_bytes(&self) -> u64 {
+        match &self.bad_ranges_file {
+            Some(r) => r.bytes,
+            None => self.bad_ranges.iter().map(|r| r.1).sum(),
+        }
     }
 
     pub fn geometry(&self) -> super::index::Geometry {
@@ -307,6 +346,7 @@ pub(crate) mod tests {
             }],
             stats: Stats::default(),
             bad_ranges: Vec::new(),
+            bad_ranges_file: None,
             tracking: None,
             partition_table: None,
             sequence: Some(7),

@@ -3,6 +3,7 @@
 //! This module only turns bytes into validated structures and back. It never opens devices and never
 //! decides policy; the repository module owns files and directories.
 
+pub mod badranges;
 pub mod frame;
 pub mod index;
 pub mod manifest;
