@@ -284,9 +284,11 @@ impl IoQueue for UringQueue {
             return Err(e);
         }
         self.in_flight += 1;
-        // When this enter fails the SQE stays queued: the next enter (a `wait`, or the drop)
-        // submits it, and its completion still brings the buffer back.
-        self.ring.submit()?;
+        // The request is queued whatever this enter says: if it fails, the SQE stays in the ring
+        // and the next enter (in `wait`, or the drop) submits it or reports the error.
+        if let Err(e) = self.ring.submit() {
+            tracing::debug!("io_uring enter failed ({e}); the request goes with the next one");
+        }
         Ok(())
     }
 
@@ -324,11 +326,11 @@ impl IoQueue for UringQueue {
             };
             match result {
                 Some(result) => return Ok(self.finish(slot, result)),
+                // The loop's next enter submits the pushed remainder.
                 None => {
                     if let Some(failed) = self.resubmit(slot) {
                         return Ok(failed);
                     }
-                    self.ring.submit()?;
                 }
             }
         }
