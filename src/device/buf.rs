@@ -2,6 +2,7 @@
 
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Buffer alignment. 4 KiB satisfies every logical block size Linux supports and the DIO memory
 /// alignment of every device we have met (statx DIOALIGN reports 512 or 4096).
@@ -13,7 +14,13 @@ pub struct AlignedBuf {
     ptr: NonNull<u8>,
     cap: usize,
     slot: u16,
+    /// Unique for the life of the process. A ring registers the pages a buffer had when it was
+    /// registered; a later buffer at the same address may sit on other pages (a freed mapping
+    /// reused), so "is this the registered buffer" is decided by identity, never by address.
+    id: u64,
 }
+
+static NEXT_BUF_ID: AtomicU64 = AtomicU64::new(0);
 
 // SAFETY: AlignedBuf uniquely owns its allocation (like Box<[u8]>); moving it between threads moves
 // that ownership.
@@ -29,7 +36,13 @@ impl AlignedBuf {
         // SAFETY: layout has non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, cap, slot }
+        let id = NEXT_BUF_ID.fetch_add(1, Ordering::Relaxed);
+        AlignedBuf { ptr, cap, slot, id }
+    }
+
+    /// This buffer's identity (distinct from every other buffer this process has made).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     pub fn capacity(&self) -> usize {

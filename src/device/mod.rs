@@ -376,8 +376,9 @@ fn forced_sync() -> bool {
     std::env::var("CAIRN_IO").is_ok_and(|v| v == "sync")
 }
 
-/// An open device or file with its I/O queue. The queue is declared first so it is dropped (and
-/// its ring torn down) before the file descriptor it uses is closed.
+/// An open device or file with its I/O queue. The queue is declared first so it is dropped before
+/// the file: the sync queue keeps a raw copy of the descriptor, and dropping an io_uring queue
+/// waits for the transfers it has in flight (its ring holds its own reference to the file).
 pub struct Handle {
     pub queue: Box<dyn IoQueue>,
     pub file: File,
@@ -517,26 +518,112 @@ fn fs_name(path: &Path) -> String {
     }
 }
 
-/// Makes `[offset, offset+len)` read back as zeros: BLKZEROOUT on a device (the kernel guarantees
-/// zeros, using write-zeroes where the device has it), a punched hole in a file.
+/// Makes `[offset, offset+len)` read back as zeros, and nothing outside it.
+///
+/// On a block device the kernel zeroes only whole logical sectors (BLKZEROOUT answers EINVAL to
+/// anything else, and on a 4Kn disk a 512-aligned range is not enough): the sector-aligned middle
+/// goes to BLKZEROOUT, and the unaligned edges are written as zero bytes through `file`, which must
+/// therefore be open without O_DIRECT. On a regular file: a punched hole, or zeros written where the
+/// filesystem cannot punch holes.
 pub fn zero_range(file: &File, is_block: bool, offset: u64, len: u64) -> Result<()> {
     if len == 0 {
         return Ok(());
     }
+    let end = offset
+        .checked_add(len)
+        .with_context(|| format!("zeroing {len} bytes at offset {offset}: range overflows"))?;
     if is_block {
-        let range = [offset, len];
-        // SAFETY: BLKZEROOUT reads two u64s from the pointer; fd is an open block device.
-        unsafe { ioctl::blkzeroout(file.as_raw_fd(), &range) }
-            .with_context(|| format!("zeroing {len} bytes at offset {offset}"))?;
-    } else {
-        nix::fcntl::fallocate(
-            file.as_raw_fd(),
-            nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
-                | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            offset as i64,
-            len as i64,
-        )
-        .with_context(|| format!("punching a hole of {len} bytes at offset {offset}"))?;
+        let mut lss: libc::c_int = 0;
+        // SAFETY: fd is an open block device; BLKSSZGET writes one int into `lss`.
+        unsafe { ioctl::blksszget(file.as_raw_fd(), &mut lss) }
+            .context("BLKSSZGET on the target")?;
+        let sector = u64::try_from(lss)
+            .ok()
+            .filter(|s| s.is_power_of_two() && *s >= 512)
+            .with_context(|| format!("the target reports a logical sector size of {lss}"))?;
+        let middle_start = offset.next_multiple_of(sector).min(end);
+        let middle_end = (end / sector * sector).max(middle_start);
+        if (offset < middle_start || middle_end < end) && is_direct(file)? {
+            bail!(
+                "cannot zero [{offset}, {end}): its edges are not aligned to the {sector}-byte \
+                 sectors and the descriptor is O_DIRECT"
+            );
+        }
+        if middle_end > middle_start {
+            // BLKZEROOUT drops the page cache of every page it touches, and when another
+            // descriptor holds the device exclusively (restore's own queue does) it fails with
+            // EBUSY if one of them is dirty: a buffered write just before, next to this range,
+            // leaves such a page. So that span is written back first, and the edges after.
+            // 64 KiB: a multiple of every page size Linux runs with.
+            let page = 64 << 10;
+            let span_start = middle_start / page * page;
+            let span_len = middle_end.next_multiple_of(page) - span_start;
+            // SAFETY: plain syscall on an open descriptor; it reads no memory of ours.
+            let rc = unsafe {
+                libc::sync_file_range(
+                    file.as_raw_fd(),
+                    span_start as libc::off64_t,
+                    span_len as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                        | libc::SYNC_FILE_RANGE_WRITE
+                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error()).with_context(|| {
+                    format!("writing back the target's cache at offset {span_start}")
+                });
+            }
+            let range = [middle_start, middle_end - middle_start];
+            // SAFETY: BLKZEROOUT reads two u64s from the pointer; fd is an open block device.
+            unsafe { ioctl::blkzeroout(file.as_raw_fd(), &range) }.with_context(|| {
+                format!(
+                    "zeroing {} bytes at offset {middle_start}",
+                    middle_end - middle_start
+                )
+            })?;
+        }
+        write_zeros(file, offset, middle_start)?;
+        write_zeros(file, middle_end, end)?;
+        return Ok(());
+    }
+    match nix::fcntl::fallocate(
+        file.as_raw_fd(),
+        nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        offset as i64,
+        len as i64,
+    ) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) => write_zeros(file, offset, end),
+        Err(e) => Err(anyhow::Error::new(e))
+            .with_context(|| format!("punching a hole of {len} bytes at offset {offset}")),
+    }
+}
+
+fn is_direct(file: &File) -> Result<bool> {
+    let flags = nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+        .context("F_GETFL on the target")?;
+    Ok(flags & libc::O_DIRECT != 0)
+}
+
+/// Writes zero bytes over `[from, to)` through a buffered descriptor (any alignment).
+fn write_zeros(file: &File, from: u64, to: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    if from >= to {
+        return Ok(());
+    }
+    if is_direct(file)? {
+        bail!("cannot write zeros at offset {from} through an O_DIRECT descriptor");
+    }
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(to - from) as usize];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(CHUNK) as usize;
+        file.write_all_at(&zeros[..n], at)
+            .with_context(|| format!("writing {n} zero bytes at offset {at}"))?;
+        at += n as u64;
     }
     Ok(())
 }

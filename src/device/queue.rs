@@ -36,7 +36,8 @@ pub trait IoQueue: Send {
     /// Most transfers that may be in flight at once.
     fn depth(&self) -> usize;
     fn in_flight(&self) -> usize;
-    /// Queues a transfer. Fails only when the queue is full or the kernel refuses the submission.
+    /// Queues a transfer; from then on the queue owns its buffer until `wait` returns it. Fails
+    /// (dropping the request) only when the request is invalid or the queue is full.
     fn submit(&mut self, req: Request) -> io::Result<()>;
     /// Blocks until one transfer finishes. Must only be called with transfers in flight.
     fn wait(&mut self) -> io::Result<Completion>;
