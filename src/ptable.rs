@@ -8,30 +8,18 @@
 //! never guessed at.
 
 use crate::device::{DeviceInfo, Kind};
+use crate::progress::human_bytes;
 use anyhow::{anyhow, bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 
-/// "gpt" or "mbr".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TableKind {
-    Gpt,
-    Mbr,
-}
+pub use crate::format::TableKind;
+use crate::format::{PartitionRecord, PartitionTableRecord};
 
-impl TableKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TableKind::Gpt => "gpt",
-            TableKind::Mbr => "mbr",
-        }
-    }
-}
-
-/// A disk's partition table as recorded in a manifest (docs/format.md, `partition_table`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A disk's partition table as read from a disk or an image of one. A manifest keeps it as a
+/// [`PartitionTableRecord`] (docs/format.md, `partition_table`); the two convert losslessly.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionTable {
     pub kind: TableKind,
     /// Logical sector size the table's LBAs are counted in.
@@ -39,16 +27,13 @@ pub struct PartitionTable {
     /// GPT: the disk GUID. MBR: the 32-bit disk signature as 8 hex digits.
     pub disk_id: String,
     /// GPT only: the usable LBA range and the number of entries in the partition array.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_usable_lba: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_usable_lba: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entries: Option<u32>,
     pub partitions: Vec<Partition>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
     /// The kernel's partition number (GPT: entry number; MBR: 1-4 primary, 5+ logical).
     pub number: u32,
@@ -58,24 +43,79 @@ pub struct Partition {
     pub size: u64,
     /// GPT: partition type GUID. MBR: type byte as `0x83`.
     pub type_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub type_name: Option<String>,
     /// GPT partition name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// GPT unique partition GUID (the PARTUUID).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
     /// MBR: the active flag.
-    #[serde(default, skip_serializing_if = "is_false")]
     pub bootable: bool,
     /// MBR: an extended partition (a container of logical partitions).
-    #[serde(default, skip_serializing_if = "is_false")]
     pub extended: bool,
 }
 
-fn is_false(b: &bool) -> bool {
-    !*b
+impl From<PartitionTableRecord> for PartitionTable {
+    fn from(r: PartitionTableRecord) -> Self {
+        PartitionTable {
+            kind: r.kind,
+            sector_size: r.sector_size,
+            disk_id: r.disk_id,
+            first_usable_lba: r.first_usable_lba,
+            last_usable_lba: r.last_usable_lba,
+            entries: r.entries,
+            partitions: r.partitions.into_iter().map(Partition::from).collect(),
+        }
+    }
+}
+
+impl From<PartitionTable> for PartitionTableRecord {
+    fn from(t: PartitionTable) -> Self {
+        PartitionTableRecord {
+            kind: t.kind,
+            sector_size: t.sector_size,
+            disk_id: t.disk_id,
+            first_usable_lba: t.first_usable_lba,
+            last_usable_lba: t.last_usable_lba,
+            entries: t.entries,
+            partitions: t
+                .partitions
+                .into_iter()
+                .map(PartitionRecord::from)
+                .collect(),
+        }
+    }
+}
+
+impl From<PartitionRecord> for Partition {
+    fn from(r: PartitionRecord) -> Self {
+        Partition {
+            number: r.number,
+            start: r.start,
+            size: r.size,
+            type_id: r.type_id,
+            type_name: r.type_name,
+            name: r.name,
+            uuid: r.uuid,
+            bootable: r.bootable,
+            extended: r.extended,
+        }
+    }
+}
+
+impl From<Partition> for PartitionRecord {
+    fn from(p: Partition) -> Self {
+        PartitionRecord {
+            number: p.number,
+            start: p.start,
+            size: p.size,
+            type_id: p.type_id,
+            type_name: p.type_name,
+            name: p.name,
+            uuid: p.uuid,
+            bootable: p.bootable,
+            extended: p.extended,
+        }
+    }
 }
 
 impl Partition {
@@ -127,7 +167,7 @@ impl PartitionTable {
                 p.number,
                 p.start,
                 p.start / ss,
-                crate::restore::human_bytes(p.size),
+                human_bytes(p.size),
                 p.type_name.as_deref().unwrap_or(&p.type_id)
             );
             if let Some(n) = &p.name {
@@ -153,7 +193,7 @@ const MAX_GPT_ENTRIES: u32 = 4096;
 /// The table of a whole disk or disk-image file, for a backup's manifest: None for a partition, a
 /// disk without a table, or one cairn cannot read (said in a warning; the backup goes on, since the
 /// table is inside the image anyway).
-pub fn for_backup(info: &DeviceInfo) -> Option<PartitionTable> {
+pub fn for_backup(info: &DeviceInfo) -> Option<PartitionTableRecord> {
     if info.kind == Kind::Partition {
         return None;
     }
@@ -161,7 +201,7 @@ pub fn for_backup(info: &DeviceInfo) -> Option<PartitionTable> {
         .with_context(|| format!("cannot open {}", info.path.display()))
         .and_then(|mut f| read(&mut f, info.size, info.logical_sector_size));
     match result {
-        Ok(t) => t,
+        Ok(t) => t.map(PartitionTableRecord::from),
         Err(e) => {
             tracing::warn!(
                 "{}: partition table not recorded: {e:#}",
@@ -742,6 +782,12 @@ mod tests {
         assert_eq!((p.number, p.start, p.size), (1, 1 << 20, 2 << 20));
         assert!(p.bootable);
         assert_eq!(p.type_name.as_deref(), Some("Linux"));
+        let record = PartitionTableRecord::from(t.clone());
+        assert_eq!(
+            PartitionTable::from(record),
+            t,
+            "the manifest record is lossless"
+        );
     }
 
     /// A GPT with valid CRCs whose partition 1 starts at LBA 0 (gptman asserts on it).

@@ -6,7 +6,7 @@ use crate::chain::{self, Piece, Planner, Source};
 use crate::device::{self, buf::AlignedBuf, queue::Op, queue::Request, Access, DeviceInfo};
 use crate::format::frame::Codec;
 use crate::format::Entry;
-use crate::progress::Progress;
+use crate::progress::{human_bytes, Progress};
 use crate::repo::{decode_checked, Image, Repository, SegmentReader};
 use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -504,21 +504,6 @@ fn confirm(what: &str, yes: bool) -> Result<()> {
         bail!("not confirmed; nothing was written");
     }
     Ok(())
-}
-
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {} ({n} bytes)", UNITS[u])
-    }
 }
 
 /// What the writer did with one job, for accounting.

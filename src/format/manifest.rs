@@ -121,7 +121,7 @@ pub struct Manifest {
     pub tracking: Option<TrackingRef>,
     /// The source disk's partition table, read at backup start (whole disks and disk-image files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partition_table: Option<crate::ptable::PartitionTable>,
+    pub partition_table: Option<super::PartitionTableRecord>,
 }
 
 impl Manifest {

@@ -6,10 +6,12 @@
 pub mod frame;
 pub mod index;
 pub mod manifest;
+pub mod table;
 
 pub use frame::{FrameHeader, SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN};
 pub use index::{Entry, EntryKind, Index, INDEX_ENTRY_LEN};
 pub use manifest::{ImageKind, Manifest, Method, SourceIdentity};
+pub use table::{PartitionRecord, PartitionTableRecord, TableKind};
 
 /// The format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
