@@ -349,6 +349,10 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
         }),
         partition_table,
     };
+    // What the loader would refuse is never committed (the temporary image is removed).
+    manifest
+        .validate()
+        .map_err(|e| anyhow!("the new image's manifest is invalid ({e}); nothing was kept"))?;
     let (manifest_bytes, _) = manifest.encode();
     writer.commit(&index_bytes, &manifest_bytes)?;
     drop(lock);

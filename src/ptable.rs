@@ -186,9 +186,7 @@ impl PartitionTable {
 }
 
 const GPT_ENTRY_SIZE: u64 = 128;
-/// More entries than any partitioning tool writes (the spec minimum is 128); a header claiming more
-/// is damage.
-const MAX_GPT_ENTRIES: u32 = 4096;
+use crate::format::table::MAX_GPT_ENTRIES;
 
 /// The table of a whole disk or disk-image file, for a backup's manifest: None for a partition, a
 /// disk without a table, or one cairn cannot read (said in a warning; the backup goes on, since the
@@ -200,8 +198,16 @@ pub fn for_backup(info: &DeviceInfo) -> Option<PartitionTableRecord> {
     let result = File::open(&info.path)
         .with_context(|| format!("cannot open {}", info.path.display()))
         .and_then(|mut f| read(&mut f, info.size, info.logical_sector_size));
+    // A table the manifest loader would refuse is not recorded: the image must stay readable.
+    let result = result.and_then(|t| {
+        let record = t.map(PartitionTableRecord::from);
+        if let Some(r) = &record {
+            r.validate(info.size)?;
+        }
+        Ok(record)
+    });
     match result {
-        Ok(t) => t.map(PartitionTableRecord::from),
+        Ok(t) => t,
         Err(e) => {
             tracing::warn!(
                 "{}: partition table not recorded: {e:#}",
@@ -219,6 +225,11 @@ pub fn read<R: Read + Seek>(
     size: u64,
     sector_size: u32,
 ) -> Result<Option<PartitionTable>> {
+    use crate::format::{MAX_SECTOR_SIZE, MIN_SECTOR_SIZE};
+    if !sector_size.is_power_of_two() || !(MIN_SECTOR_SIZE..=MAX_SECTOR_SIZE).contains(&sector_size)
+    {
+        bail!("cannot read a partition table in {sector_size}-byte sectors: not a power of two from {MIN_SECTOR_SIZE} to {MAX_SECTOR_SIZE}");
+    }
     let mut lba0 = [0u8; 512];
     if size < 512 {
         return Ok(None);
@@ -788,6 +799,23 @@ mod tests {
             t,
             "the manifest record is lossless"
         );
+    }
+
+    #[test]
+    fn a_sector_size_of_zero_is_an_error_not_a_division_by_zero() {
+        let mut disk = vec![0u8; 1 << 20];
+        disk[446 + 4] = 0x83;
+        disk[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+        disk[446 + 12..446 + 16].copy_from_slice(&16u32.to_le_bytes());
+        disk[510] = 0x55;
+        disk[511] = 0xaa;
+        for ss in [0, 1, 1000, 1 << 17] {
+            let e = read(&mut std::io::Cursor::new(&disk), 1 << 20, ss).unwrap_err();
+            assert!(
+                format!("{e}").contains(&format!("{ss}-byte sectors")),
+                "{e}"
+            );
+        }
     }
 
     /// A GPT with valid CRCs whose partition 1 starts at LBA 0 (gptman asserts on it).

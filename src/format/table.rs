@@ -2,7 +2,14 @@
 //! the on-disk format does not depend on the code that reads tables from disks (`crate::ptable`
 //! converts from and to it).
 
+use super::{check_sector_size, corrupt, invalid, FormatError};
 use serde::{Deserialize, Serialize};
+
+/// More GPT entries than any partitioning tool writes (the spec minimum is 128): a header claiming
+/// more is damage.
+pub const MAX_GPT_ENTRIES: u32 = 4096;
+/// MBR start and size fields count 32-bit sectors.
+const MBR_MAX_SECTORS: u64 = u32::MAX as u64;
 
 /// "gpt" or "mbr".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +71,93 @@ pub struct PartitionRecord {
     /// MBR: an extended partition (a container of logical partitions).
     #[serde(default, skip_serializing_if = "is_false")]
     pub extended: bool,
+}
+
+impl PartitionTableRecord {
+    /// Checks the record against the disk of `disk_size` bytes it was read from: a recorded table
+    /// lies inside its disk, in whole sectors. Errors name the field and its value.
+    pub fn validate(&self, disk_size: u64) -> Result<(), FormatError> {
+        check_sector_size("partition_table.sector_size", self.sector_size)?;
+        let ss = u64::from(self.sector_size);
+        let sectors = disk_size / ss;
+        let gpt = [
+            ("first_usable_lba", self.first_usable_lba),
+            ("last_usable_lba", self.last_usable_lba),
+            ("entries", self.entries.map(u64::from)),
+        ];
+        // The usable range, in LBAs, that partitions must lie in.
+        let (first, last) = match self.kind {
+            TableKind::Mbr => {
+                if let Some((field, v)) = gpt.iter().find_map(|(f, v)| v.map(|v| (f, v))) {
+                    return Err(invalid(
+                        &format!("partition_table.{field}"),
+                        v,
+                        "a GPT field in an MBR table",
+                    ));
+                }
+                (1, sectors.saturating_sub(1))
+            }
+            TableKind::Gpt => {
+                let [Some(first), Some(last), Some(entries)] = gpt.map(|(_, v)| v) else {
+                    return Err(corrupt(
+                        "partition_table: a GPT without first_usable_lba, last_usable_lba and entries",
+                    ));
+                };
+                if entries == 0 || entries > u64::from(MAX_GPT_ENTRIES) {
+                    return Err(invalid(
+                        "partition_table.entries",
+                        entries,
+                        &format!("not 1 to {MAX_GPT_ENTRIES}"),
+                    ));
+                }
+                if first == 0 || first > last || last >= sectors {
+                    return Err(invalid(
+                        "partition_table.first_usable_lba..last_usable_lba",
+                        format!("{first}..{last}"),
+                        &format!("not a range inside the disk's {sectors} sectors of {ss} bytes"),
+                    ));
+                }
+                (first, last)
+            }
+        };
+        let mut prev_number = 0;
+        for (i, p) in self.partitions.iter().enumerate() {
+            let field = |name: &str| format!("partition_table.partitions[{i}].{name}");
+            let max_number = self.entries.unwrap_or(u32::MAX);
+            if p.number <= prev_number || p.number > max_number {
+                return Err(invalid(
+                    &field("number"),
+                    p.number,
+                    "partition numbers must be unique, ascending and inside the table",
+                ));
+            }
+            prev_number = p.number;
+            if p.start % ss != 0 || p.size % ss != 0 || p.size == 0 {
+                return Err(invalid(
+                    &field("start, size"),
+                    format!("{}, {}", p.start, p.size),
+                    &format!("not a non-empty run of whole {ss}-byte sectors"),
+                ));
+            }
+            let (lba, count) = (p.start / ss, p.size / ss);
+            let inside = lba >= first && lba.checked_add(count).is_some_and(|e| e - 1 <= last);
+            if !inside {
+                return Err(invalid(
+                    &field("start, size"),
+                    format!("{}, {}", p.start, p.size),
+                    &format!("not inside LBAs {first}..={last} of a disk of {disk_size} bytes"),
+                ));
+            }
+            if self.kind == TableKind::Mbr && (lba > MBR_MAX_SECTORS || count > MBR_MAX_SECTORS) {
+                return Err(invalid(
+                    &field("start, size"),
+                    format!("{}, {}", p.start, p.size),
+                    "beyond the 32-bit sector counts of an MBR",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn is_false(b: &bool) -> bool {
