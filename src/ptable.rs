@@ -197,7 +197,7 @@ pub fn for_backup(info: &DeviceInfo) -> Option<PartitionTableRecord> {
     }
     let result = File::open(&info.path)
         .with_context(|| format!("cannot open {}", info.path.display()))
-        .and_then(|mut f| read(&mut f, info.size, info.logical_sector_size));
+        .and_then(|mut f| Ok(read(&mut f, info.size, info.logical_sector_size)?));
     // A table the manifest loader would refuse is not recorded: the image must stay readable.
     let result = result.and_then(|t| {
         let record = t.map(PartitionTableRecord::from);
@@ -218,9 +218,71 @@ pub fn for_backup(info: &DeviceInfo) -> Option<PartitionTableRecord> {
     }
 }
 
+/// Why a partition table could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The bytes themselves could not be read (a failing disk, a damaged image): nothing is known
+    /// about the table.
+    #[error("{0:#}")]
+    Io(anyhow::Error),
+    /// The bytes were read, but they hold a table cairn does not accept (damaged or odd).
+    #[error("{0:#}")]
+    Table(anyhow::Error),
+}
+
 /// Reads the partition table of a disk of `size` bytes: GPT (at `sector_size`, else the other of
-/// 512/4096, as image files do not say), else MBR. Ok(None) when there is none.
+/// 512/4096, as image files do not say), else MBR. Ok(None) when there is none. Any read error is
+/// [`ReadError::Io`], even one a parser would have taken for "no table here".
 pub fn read<R: Read + Seek>(
+    r: &mut R,
+    size: u64,
+    sector_size: u32,
+) -> Result<Option<PartitionTable>, ReadError> {
+    let mut watched = ErrorWatch {
+        inner: r,
+        first_error: None,
+    };
+    let result = read_table(&mut watched, size, sector_size);
+    match watched.first_error {
+        Some(e) => Err(ReadError::Io(
+            anyhow!(e).context("reading the partition table failed"),
+        )),
+        None => result.map_err(ReadError::Table),
+    }
+}
+
+/// Remembers the first error of the reader it wraps: the parsers turn some read errors into
+/// "no table" or into format errors, which must not hide an unreadable disk or image.
+struct ErrorWatch<'a, R> {
+    inner: &'a mut R,
+    first_error: Option<std::io::Error>,
+}
+
+impl<R> ErrorWatch<'_, R> {
+    fn watch<T>(&mut self, r: std::io::Result<T>) -> std::io::Result<T> {
+        r.map_err(|e| {
+            let copy = std::io::Error::new(e.kind(), e.to_string());
+            self.first_error.get_or_insert(e);
+            copy
+        })
+    }
+}
+
+impl<R: Read> Read for ErrorWatch<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let r = self.inner.read(buf);
+        self.watch(r)
+    }
+}
+
+impl<R: Seek> Seek for ErrorWatch<'_, R> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        let r = self.inner.seek(pos);
+        self.watch(r)
+    }
+}
+
+fn read_table<R: Read + Seek>(
     r: &mut R,
     size: u64,
     sector_size: u32,
@@ -640,8 +702,23 @@ fn fix_protective_mbr(f: &mut File, old_sectors: u64, new_sectors: u64) -> Resul
     Ok(())
 }
 
-/// Extends the MBR partition that ends last to the end of the disk (primary partitions only).
-fn grow_mbr(f: &mut File, table: &PartitionTable, target_size: u64) -> Result<TableChange> {
+/// An MBR counts sectors in 32 bits: no partition may end beyond sector 2^32 (2 TiB with 512-byte
+/// sectors).
+const MBR_SECTOR_LIMIT: u64 = 1 << 32;
+
+/// Whether `--grow-last-partition` can grow this table's last partition to the end of a target of
+/// `target_size` bytes, checked before anything is written.
+pub fn check_growable(table: &PartitionTable, target_size: u64) -> Result<()> {
+    match table.kind {
+        TableKind::Mbr => mbr_growth(table, target_size).map(|_| ()),
+        // fit_gpt checks the partitions against the relocated table; a GPT has no such limit.
+        TableKind::Gpt => Ok(()),
+    }
+}
+
+/// The MBR partition that ends last and the sector where growing ends it: the target's end. A
+/// target beyond what the MBR can address is refused, not silently stopped short of.
+fn mbr_growth(table: &PartitionTable, target_size: u64) -> Result<(&Partition, u64)> {
     let ss = u64::from(table.sector_size);
     let last = table
         .partitions
@@ -654,8 +731,23 @@ fn grow_mbr(f: &mut File, table: &PartitionTable, target_size: u64) -> Result<Ta
             last.number
         );
     }
+    let end = target_size / ss;
+    if end > MBR_SECTOR_LIMIT {
+        bail!(
+            "--grow-last-partition: partition {} cannot grow to the end of this {}-byte drive: an MBR with {ss}-byte sectors addresses only the first {} bytes; restore without --grow-last-partition and grow it by hand (or convert the disk to GPT first, e.g. with gdisk)",
+            last.number,
+            target_size,
+            MBR_SECTOR_LIMIT * ss
+        );
+    }
+    Ok((last, end))
+}
+
+/// Extends the MBR partition that ends last to the end of the disk (primary partitions only).
+fn grow_mbr(f: &mut File, table: &PartitionTable, target_size: u64) -> Result<TableChange> {
+    let ss = u64::from(table.sector_size);
+    let (last, end) = mbr_growth(table, target_size)?;
     let start = last.start / ss;
-    let end = (target_size / ss).min(u64::from(u32::MAX));
     let mut lba0 = [0u8; 512];
     f.seek(SeekFrom::Start(0))?;
     f.read_exact(&mut lba0)?;
@@ -673,7 +765,13 @@ fn grow_mbr(f: &mut File, table: &PartitionTable, target_size: u64) -> Result<Ta
         );
     }
     let new = end.saturating_sub(start).max(cur);
-    lba0[e + 12..e + 16].copy_from_slice(&(new as u32).to_le_bytes());
+    let new_field = u32::try_from(new).map_err(|_| {
+        anyhow!(
+            "partition {} would have {new} sectors, more than an MBR holds",
+            last.number
+        )
+    })?;
+    lba0[e + 12..e + 16].copy_from_slice(&new_field.to_le_bytes());
     f.seek(SeekFrom::Start(0))?;
     f.write_all(&lba0)?;
     f.sync_all().context("flushing the partition table")?;
@@ -803,18 +901,142 @@ mod tests {
 
     #[test]
     fn a_sector_size_of_zero_is_an_error_not_a_division_by_zero() {
-        let mut disk = vec![0u8; 1 << 20];
-        disk[446 + 4] = 0x83;
-        disk[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
-        disk[446 + 12..446 + 16].copy_from_slice(&16u32.to_le_bytes());
-        disk[510] = 0x55;
-        disk[511] = 0xaa;
+        let disk = mbr_disk();
         for ss in [0, 1, 1000, 1 << 17] {
             let e = read(&mut std::io::Cursor::new(&disk), 1 << 20, ss).unwrap_err();
             assert!(
                 format!("{e}").contains(&format!("{ss}-byte sectors")),
                 "{e}"
             );
+        }
+    }
+
+    /// A 1 MiB disk with one bootable Linux MBR partition from LBA 64, 16 sectors long.
+    fn mbr_disk() -> Vec<u8> {
+        let mut disk = vec![0u8; 1 << 20];
+        let e = &mut disk[446..462];
+        e[0] = 0x80;
+        e[4] = 0x83;
+        e[8..12].copy_from_slice(&64u32.to_le_bytes());
+        e[12..16].copy_from_slice(&16u32.to_le_bytes());
+        disk[510] = 0x55;
+        disk[511] = 0xaa;
+        disk
+    }
+
+    /// `mbr_disk` in a file (sector 0 is all grow_mbr touches, so the target size is only a
+    /// number: no big disk needed), with its table as the image would hold it.
+    fn mbr_target(sector_size: u32) -> (tempfile::NamedTempFile, PartitionTable) {
+        let mut disk = mbr_disk();
+        if sector_size == 4096 {
+            // The same entry in 4 KiB sectors: LBA 8, 2 sectors.
+            disk[446 + 8..446 + 12].copy_from_slice(&8u32.to_le_bytes());
+            disk[446 + 12..446 + 16].copy_from_slice(&2u32.to_le_bytes());
+        }
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&disk).unwrap();
+        let t = read(&mut std::io::Cursor::new(&disk), 1 << 20, sector_size)
+            .unwrap()
+            .unwrap();
+        (f, t)
+    }
+
+    fn mbr_entry_sectors(f: &mut File) -> u32 {
+        let mut lba0 = [0u8; 512];
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.read_exact(&mut lba0).unwrap();
+        u32::from_le_bytes(lba0[446 + 12..446 + 16].try_into().unwrap())
+    }
+
+    #[test]
+    fn mbr_growth_past_2_tib_is_refused_not_stopped_short() {
+        let tib = 1u64 << 40;
+        let (mut f, t) = mbr_target(512);
+        for target in [2 * tib + 512, 3 * tib, 16 * tib] {
+            let e = check_growable(&t, target).unwrap_err();
+            let msg = format!("{e}");
+            assert!(
+                msg.contains("addresses only the first 2199023255552 bytes"),
+                "{msg}"
+            );
+            let e = fit_to_target(f.as_file_mut(), &t, 1 << 20, target, true).unwrap_err();
+            assert!(format!("{e}").contains("MBR"), "{e}");
+            assert_eq!(
+                mbr_entry_sectors(f.as_file_mut()),
+                16,
+                "sector 0 was changed"
+            );
+        }
+        // Exactly 2 TiB is what an MBR can address: the partition ends at its last sector.
+        check_growable(&t, 2 * tib).unwrap();
+        let c = fit_to_target(f.as_file_mut(), &t, 1 << 20, 2 * tib, true)
+            .unwrap()
+            .unwrap();
+        let want = (1u64 << 32) - 64;
+        assert_eq!(u64::from(mbr_entry_sectors(f.as_file_mut())), want);
+        assert_eq!(c.grown.unwrap().new_size, want * 512);
+    }
+
+    #[test]
+    fn mbr_with_4k_sectors_grows_past_2_tib() {
+        let tib = 1u64 << 40;
+        let (mut f, t) = mbr_target(4096);
+        let c = fit_to_target(f.as_file_mut(), &t, 1 << 20, 3 * tib, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.grown.unwrap().new_size, 3 * tib - 8 * 4096);
+        assert!(check_growable(&t, 16 * tib + 4096).is_err());
+    }
+
+    /// A reader whose bytes at `bad` cannot be read, like a damaged image or a failing disk.
+    struct Unreadable {
+        data: std::io::Cursor<Vec<u8>>,
+        bad: std::ops::Range<u64>,
+    }
+
+    impl Read for Unreadable {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let at = self.data.position();
+            if self.bad.contains(&at)
+                || (at < self.bad.start && at + buf.len() as u64 > self.bad.start)
+            {
+                return Err(std::io::Error::other("image block 0: checksum mismatch"));
+            }
+            self.data.read(buf)
+        }
+    }
+
+    impl Seek for Unreadable {
+        fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+            self.data.seek(pos)
+        }
+    }
+
+    #[test]
+    fn unreadable_bytes_are_a_read_error_never_no_table() {
+        // The GPT header sector cannot be read: the parsers used to take that for "no GPT" and
+        // report the MBR in sector 0.
+        let mut r = Unreadable {
+            data: std::io::Cursor::new(mbr_disk()),
+            bad: 512..1024,
+        };
+        match read(&mut r, 1 << 20, 512) {
+            Err(ReadError::Io(e)) => {
+                assert!(format!("{e:#}").contains("checksum mismatch"), "{e:#}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut r = Unreadable {
+            data: std::io::Cursor::new(mbr_disk()),
+            bad: 0..512,
+        };
+        assert!(matches!(read(&mut r, 1 << 20, 512), Err(ReadError::Io(_))));
+        // Readable bytes holding a table cairn refuses are a table error.
+        let mut disk = mbr_disk();
+        disk[446 + 4] = 0xee;
+        match read(&mut std::io::Cursor::new(&disk), 1 << 20, 512) {
+            Err(ReadError::Table(e)) => assert!(format!("{e}").contains("protective MBR"), "{e}"),
+            other => panic!("{other:?}"),
         }
     }
 
