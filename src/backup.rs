@@ -423,6 +423,10 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
         partition_table,
         sequence: Some(repo.reserve_sequence(&catalogue, &lock)?),
     };
+    // What the loader would refuse is never committed (the temporary image is removed).
+    manifest
+        .validate()
+        .map_err(|e| anyhow!("the new image's manifest is invalid ({e}); nothing was kept"))?;
     let (manifest_bytes, _) = manifest.encode();
     // Never publish what the loader would refuse.
     if manifest_bytes.len() as u64 > format::manifest::MAX_MANIFEST_LEN {

@@ -2,9 +2,9 @@
 
 use crate::backup::{self, BackupOptions};
 use crate::format::{self, ImageKind};
-use crate::progress::Progress;
+use crate::progress::{human_bytes, short_bytes, Progress};
 use crate::repo::Repository;
-use crate::restore::{self, human_bytes, RestoreOptions};
+use crate::restore::{self, RestoreOptions};
 use crate::{list, verify};
 use anyhow::{bail, Result};
 use clap::{ArgAction, Args, Parser, Subcommand};
@@ -674,21 +674,6 @@ fn ddrescue_map(m: &crate::format::Manifest, id: &str, bad: &[(u64, u64)]) -> St
         out.push_str(&format!("0x{at:08X}  0x{:08X}  +\n", m.source.size - at));
     }
     out
-}
-
-/// "1.5G"-style sizes for table columns.
-pub fn short_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["K", "M", "G", "T", "P"];
-    if n < 1024 {
-        return format!("{n}B");
-    }
-    let mut v = n as f64 / 1024.0;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1}{}", UNITS[u])
 }
 
 fn print_json<T: serde::Serialize>(v: &T) {

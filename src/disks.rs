@@ -381,7 +381,7 @@ fn natural_key(s: &str) -> (String, usize, String) {
 
 /// The human listing.
 pub fn render(disks: &[Disk]) -> Vec<String> {
-    use crate::restore::human_bytes;
+    use crate::progress::human_bytes;
     let mut out = Vec::new();
     if disks.is_empty() {
         out.push("no block devices found".to_string());

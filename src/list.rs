@@ -18,7 +18,7 @@ pub struct Row {
     pub stored_bytes: Option<u64>,
     /// The source disk's partition table, when the image recorded one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub partition_table: Option<crate::ptable::PartitionTable>,
+    pub partition_table: Option<crate::format::PartitionTableRecord>,
     /// "complete", or "damaged: why" when the manifest or a segment is missing or wrong.
     pub status: String,
 }
@@ -89,7 +89,7 @@ pub fn run(repo: &Repository) -> Result<Vec<Row>> {
 }
 
 /// One line about a partition table, under an image's row in `list`.
-pub fn table_summary(t: &crate::ptable::PartitionTable) -> String {
+pub fn table_summary(t: &crate::format::PartitionTableRecord) -> String {
     let parts: Vec<String> = t
         .partitions
         .iter()
@@ -97,7 +97,7 @@ pub fn table_summary(t: &crate::ptable::PartitionTable) -> String {
             format!(
                 "{}: {} {}",
                 p.number,
-                crate::cli::short_bytes(p.size),
+                crate::progress::short_bytes(p.size),
                 p.type_name.as_deref().unwrap_or(&p.type_id)
             )
         })
@@ -121,7 +121,7 @@ pub fn show_lines(
     m: &crate::format::Manifest,
     unreadable: &Result<crate::chain::Unreadable, String>,
 ) -> Vec<String> {
-    use crate::restore::human_bytes;
+    use crate::progress::human_bytes;
     let s = &m.source;
     let mut out = vec![
         format!("image      {}", m.id),
@@ -171,7 +171,7 @@ pub fn show_lines(
         Err(e) => out.push(format!("unreadable unknown: {e}")),
     }
     match &m.partition_table {
-        Some(t) => out.extend(t.describe()),
+        Some(t) => out.extend(crate::ptable::PartitionTable::from(t.clone()).describe()),
         None => out.push("no partition table recorded".to_string()),
     }
     out

@@ -8,30 +8,18 @@
 //! never guessed at.
 
 use crate::device::{DeviceInfo, Kind};
+use crate::progress::human_bytes;
 use anyhow::{anyhow, bail, Context, Result};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 
-/// "gpt" or "mbr".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TableKind {
-    Gpt,
-    Mbr,
-}
+pub use crate::format::TableKind;
+use crate::format::{PartitionRecord, PartitionTableRecord};
 
-impl TableKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TableKind::Gpt => "gpt",
-            TableKind::Mbr => "mbr",
-        }
-    }
-}
-
-/// A disk's partition table as recorded in a manifest (docs/format.md, `partition_table`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A disk's partition table as read from a disk or an image of one. A manifest keeps it as a
+/// [`PartitionTableRecord`] (docs/format.md, `partition_table`); the two convert losslessly.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionTable {
     pub kind: TableKind,
     /// Logical sector size the table's LBAs are counted in.
@@ -39,16 +27,13 @@ pub struct PartitionTable {
     /// GPT: the disk GUID. MBR: the 32-bit disk signature as 8 hex digits.
     pub disk_id: String,
     /// GPT only: the usable LBA range and the number of entries in the partition array.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_usable_lba: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_usable_lba: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entries: Option<u32>,
     pub partitions: Vec<Partition>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
     /// The kernel's partition number (GPT: entry number; MBR: 1-4 primary, 5+ logical).
     pub number: u32,
@@ -58,24 +43,79 @@ pub struct Partition {
     pub size: u64,
     /// GPT: partition type GUID. MBR: type byte as `0x83`.
     pub type_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub type_name: Option<String>,
     /// GPT partition name.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// GPT unique partition GUID (the PARTUUID).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
     /// MBR: the active flag.
-    #[serde(default, skip_serializing_if = "is_false")]
     pub bootable: bool,
     /// MBR: an extended partition (a container of logical partitions).
-    #[serde(default, skip_serializing_if = "is_false")]
     pub extended: bool,
 }
 
-fn is_false(b: &bool) -> bool {
-    !*b
+impl From<PartitionTableRecord> for PartitionTable {
+    fn from(r: PartitionTableRecord) -> Self {
+        PartitionTable {
+            kind: r.kind,
+            sector_size: r.sector_size,
+            disk_id: r.disk_id,
+            first_usable_lba: r.first_usable_lba,
+            last_usable_lba: r.last_usable_lba,
+            entries: r.entries,
+            partitions: r.partitions.into_iter().map(Partition::from).collect(),
+        }
+    }
+}
+
+impl From<PartitionTable> for PartitionTableRecord {
+    fn from(t: PartitionTable) -> Self {
+        PartitionTableRecord {
+            kind: t.kind,
+            sector_size: t.sector_size,
+            disk_id: t.disk_id,
+            first_usable_lba: t.first_usable_lba,
+            last_usable_lba: t.last_usable_lba,
+            entries: t.entries,
+            partitions: t
+                .partitions
+                .into_iter()
+                .map(PartitionRecord::from)
+                .collect(),
+        }
+    }
+}
+
+impl From<PartitionRecord> for Partition {
+    fn from(r: PartitionRecord) -> Self {
+        Partition {
+            number: r.number,
+            start: r.start,
+            size: r.size,
+            type_id: r.type_id,
+            type_name: r.type_name,
+            name: r.name,
+            uuid: r.uuid,
+            bootable: r.bootable,
+            extended: r.extended,
+        }
+    }
+}
+
+impl From<Partition> for PartitionRecord {
+    fn from(p: Partition) -> Self {
+        PartitionRecord {
+            number: p.number,
+            start: p.start,
+            size: p.size,
+            type_id: p.type_id,
+            type_name: p.type_name,
+            name: p.name,
+            uuid: p.uuid,
+            bootable: p.bootable,
+            extended: p.extended,
+        }
+    }
 }
 
 impl Partition {
@@ -127,7 +167,7 @@ impl PartitionTable {
                 p.number,
                 p.start,
                 p.start / ss,
-                crate::restore::human_bytes(p.size),
+                human_bytes(p.size),
                 p.type_name.as_deref().unwrap_or(&p.type_id)
             );
             if let Some(n) = &p.name {
@@ -146,20 +186,26 @@ impl PartitionTable {
 }
 
 const GPT_ENTRY_SIZE: u64 = 128;
-/// More entries than any partitioning tool writes (the spec minimum is 128); a header claiming more
-/// is damage.
-const MAX_GPT_ENTRIES: u32 = 4096;
+use crate::format::table::MAX_GPT_ENTRIES;
 
 /// The table of a whole disk or disk-image file, for a backup's manifest: None for a partition, a
 /// disk without a table, or one cairn cannot read (said in a warning; the backup goes on, since the
 /// table is inside the image anyway).
-pub fn for_backup(info: &DeviceInfo) -> Option<PartitionTable> {
+pub fn for_backup(info: &DeviceInfo) -> Option<PartitionTableRecord> {
     if info.kind == Kind::Partition {
         return None;
     }
     let result = File::open(&info.path)
         .with_context(|| format!("cannot open {}", info.path.display()))
-        .and_then(|mut f| read(&mut f, info.size, info.logical_sector_size));
+        .and_then(|mut f| Ok(read(&mut f, info.size, info.logical_sector_size)?));
+    // A table the manifest loader would refuse is not recorded: the image must stay readable.
+    let result = result.and_then(|t| {
+        let record = t.map(PartitionTableRecord::from);
+        if let Some(r) = &record {
+            r.validate(info.size)?;
+        }
+        Ok(record)
+    });
     match result {
         Ok(t) => t,
         Err(e) => {
@@ -172,13 +218,80 @@ pub fn for_backup(info: &DeviceInfo) -> Option<PartitionTable> {
     }
 }
 
+/// Why a partition table could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The bytes themselves could not be read (a failing disk, a damaged image): nothing is known
+    /// about the table.
+    #[error("{0:#}")]
+    Io(anyhow::Error),
+    /// The bytes were read, but they hold a table cairn does not accept (damaged or odd).
+    #[error("{0:#}")]
+    Table(anyhow::Error),
+}
+
 /// Reads the partition table of a disk of `size` bytes: GPT (at `sector_size`, else the other of
-/// 512/4096, as image files do not say), else MBR. Ok(None) when there is none.
+/// 512/4096, as image files do not say), else MBR. Ok(None) when there is none. Any read error is
+/// [`ReadError::Io`], even one a parser would have taken for "no table here".
 pub fn read<R: Read + Seek>(
     r: &mut R,
     size: u64,
     sector_size: u32,
+) -> Result<Option<PartitionTable>, ReadError> {
+    let mut watched = ErrorWatch {
+        inner: r,
+        first_error: None,
+    };
+    let result = read_table(&mut watched, size, sector_size);
+    match watched.first_error {
+        Some(e) => Err(ReadError::Io(
+            anyhow!(e).context("reading the partition table failed"),
+        )),
+        None => result.map_err(ReadError::Table),
+    }
+}
+
+/// Remembers the first error of the reader it wraps: the parsers turn some read errors into
+/// "no table" or into format errors, which must not hide an unreadable disk or image.
+struct ErrorWatch<'a, R> {
+    inner: &'a mut R,
+    first_error: Option<std::io::Error>,
+}
+
+impl<R> ErrorWatch<'_, R> {
+    fn watch<T>(&mut self, r: std::io::Result<T>) -> std::io::Result<T> {
+        r.map_err(|e| {
+            let copy = std::io::Error::new(e.kind(), e.to_string());
+            self.first_error.get_or_insert(e);
+            copy
+        })
+    }
+}
+
+impl<R: Read> Read for ErrorWatch<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let r = self.inner.read(buf);
+        self.watch(r)
+    }
+}
+
+impl<R: Seek> Seek for ErrorWatch<'_, R> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        let r = self.inner.seek(pos);
+        self.watch(r)
+    }
+}
+
+fn read_table<R: Read + Seek>(
+    r: &mut R,
+    size: u64,
+    sector_size: u32,
 ) -> Result<Option<PartitionTable>> {
+    use crate::format::{MAX_SECTOR_SIZE, MIN_SECTOR_SIZE};
+    if !sector_size.is_power_of_two() || !(MIN_SECTOR_SIZE..=MAX_SECTOR_SIZE).contains(&sector_size)
+    {
+        bail!("cannot read a partition table in {sector_size}-byte sectors: not a power of two from {MIN_SECTOR_SIZE} to {MAX_SECTOR_SIZE}");
+    }
     let mut lba0 = [0u8; 512];
     if size < 512 {
         return Ok(None);
@@ -589,8 +702,23 @@ fn fix_protective_mbr(f: &mut File, old_sectors: u64, new_sectors: u64) -> Resul
     Ok(())
 }
 
-/// Extends the MBR partition that ends last to the end of the disk (primary partitions only).
-fn grow_mbr(f: &mut File, table: &PartitionTable, target_size: u64) -> Result<TableChange> {
+/// An MBR counts sectors in 32 bits: no partition may end beyond sector 2^32 (2 TiB with 512-byte
+/// sectors).
+const MBR_SECTOR_LIMIT: u64 = 1 << 32;
+
+/// Whether `--grow-last-partition` can grow this table's last partition to the end of a target of
+/// `target_size` bytes, checked before anything is written.
+pub fn check_growable(table: &PartitionTable, target_size: u64) -> Result<()> {
+    match table.kind {
+        TableKind::Mbr => mbr_growth(table, target_size).map(|_| ()),
+        // fit_gpt checks the partitions against the relocated table; a GPT has no such limit.
+        TableKind::Gpt => Ok(()),
+    }
+}
+
+/// The MBR partition that ends last and the sector where growing ends it: the target's end. A
+/// target beyond what the MBR can address is refused, not silently stopped short of.
+fn mbr_growth(table: &PartitionTable, target_size: u64) -> Result<(&Partition, u64)> {
     let ss = u64::from(table.sector_size);
     let last = table
         .partitions
@@ -603,8 +731,23 @@ fn grow_mbr(f: &mut File, table: &PartitionTable, target_size: u64) -> Result<Ta
             last.number
         );
     }
+    let end = target_size / ss;
+    if end > MBR_SECTOR_LIMIT {
+        bail!(
+            "--grow-last-partition: partition {} cannot grow to the end of this {}-byte drive: an MBR with {ss}-byte sectors addresses only the first {} bytes; restore without --grow-last-partition and grow it by hand (or convert the disk to GPT first, e.g. with gdisk)",
+            last.number,
+            target_size,
+            MBR_SECTOR_LIMIT * ss
+        );
+    }
+    Ok((last, end))
+}
+
+/// Extends the MBR partition that ends last to the end of the disk (primary partitions only).
+fn grow_mbr(f: &mut File, table: &PartitionTable, target_size: u64) -> Result<TableChange> {
+    let ss = u64::from(table.sector_size);
+    let (last, end) = mbr_growth(table, target_size)?;
     let start = last.start / ss;
-    let end = (target_size / ss).min(u64::from(u32::MAX));
     let mut lba0 = [0u8; 512];
     f.seek(SeekFrom::Start(0))?;
     f.read_exact(&mut lba0)?;
@@ -622,7 +765,13 @@ fn grow_mbr(f: &mut File, table: &PartitionTable, target_size: u64) -> Result<Ta
         );
     }
     let new = end.saturating_sub(start).max(cur);
-    lba0[e + 12..e + 16].copy_from_slice(&(new as u32).to_le_bytes());
+    let new_field = u32::try_from(new).map_err(|_| {
+        anyhow!(
+            "partition {} would have {new} sectors, more than an MBR holds",
+            last.number
+        )
+    })?;
+    lba0[e + 12..e + 16].copy_from_slice(&new_field.to_le_bytes());
     f.seek(SeekFrom::Start(0))?;
     f.write_all(&lba0)?;
     f.sync_all().context("flushing the partition table")?;
@@ -742,6 +891,153 @@ mod tests {
         assert_eq!((p.number, p.start, p.size), (1, 1 << 20, 2 << 20));
         assert!(p.bootable);
         assert_eq!(p.type_name.as_deref(), Some("Linux"));
+        let record = PartitionTableRecord::from(t.clone());
+        assert_eq!(
+            PartitionTable::from(record),
+            t,
+            "the manifest record is lossless"
+        );
+    }
+
+    #[test]
+    fn a_sector_size_of_zero_is_an_error_not_a_division_by_zero() {
+        let disk = mbr_disk();
+        for ss in [0, 1, 1000, 1 << 17] {
+            let e = read(&mut std::io::Cursor::new(&disk), 1 << 20, ss).unwrap_err();
+            assert!(
+                format!("{e}").contains(&format!("{ss}-byte sectors")),
+                "{e}"
+            );
+        }
+    }
+
+    /// A 1 MiB disk with one bootable Linux MBR partition from LBA 64, 16 sectors long.
+    fn mbr_disk() -> Vec<u8> {
+        let mut disk = vec![0u8; 1 << 20];
+        let e = &mut disk[446..462];
+        e[0] = 0x80;
+        e[4] = 0x83;
+        e[8..12].copy_from_slice(&64u32.to_le_bytes());
+        e[12..16].copy_from_slice(&16u32.to_le_bytes());
+        disk[510] = 0x55;
+        disk[511] = 0xaa;
+        disk
+    }
+
+    /// `mbr_disk` in a file (sector 0 is all grow_mbr touches, so the target size is only a
+    /// number: no big disk needed), with its table as the image would hold it.
+    fn mbr_target(sector_size: u32) -> (tempfile::NamedTempFile, PartitionTable) {
+        let mut disk = mbr_disk();
+        if sector_size == 4096 {
+            // The same entry in 4 KiB sectors: LBA 8, 2 sectors.
+            disk[446 + 8..446 + 12].copy_from_slice(&8u32.to_le_bytes());
+            disk[446 + 12..446 + 16].copy_from_slice(&2u32.to_le_bytes());
+        }
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&disk).unwrap();
+        let t = read(&mut std::io::Cursor::new(&disk), 1 << 20, sector_size)
+            .unwrap()
+            .unwrap();
+        (f, t)
+    }
+
+    fn mbr_entry_sectors(f: &mut File) -> u32 {
+        let mut lba0 = [0u8; 512];
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.read_exact(&mut lba0).unwrap();
+        u32::from_le_bytes(lba0[446 + 12..446 + 16].try_into().unwrap())
+    }
+
+    #[test]
+    fn mbr_growth_past_2_tib_is_refused_not_stopped_short() {
+        let tib = 1u64 << 40;
+        let (mut f, t) = mbr_target(512);
+        for target in [2 * tib + 512, 3 * tib, 16 * tib] {
+            let e = check_growable(&t, target).unwrap_err();
+            let msg = format!("{e}");
+            assert!(
+                msg.contains("addresses only the first 2199023255552 bytes"),
+                "{msg}"
+            );
+            let e = fit_to_target(f.as_file_mut(), &t, 1 << 20, target, true).unwrap_err();
+            assert!(format!("{e}").contains("MBR"), "{e}");
+            assert_eq!(
+                mbr_entry_sectors(f.as_file_mut()),
+                16,
+                "sector 0 was changed"
+            );
+        }
+        // Exactly 2 TiB is what an MBR can address: the partition ends at its last sector.
+        check_growable(&t, 2 * tib).unwrap();
+        let c = fit_to_target(f.as_file_mut(), &t, 1 << 20, 2 * tib, true)
+            .unwrap()
+            .unwrap();
+        let want = (1u64 << 32) - 64;
+        assert_eq!(u64::from(mbr_entry_sectors(f.as_file_mut())), want);
+        assert_eq!(c.grown.unwrap().new_size, want * 512);
+    }
+
+    #[test]
+    fn mbr_with_4k_sectors_grows_past_2_tib() {
+        let tib = 1u64 << 40;
+        let (mut f, t) = mbr_target(4096);
+        let c = fit_to_target(f.as_file_mut(), &t, 1 << 20, 3 * tib, true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.grown.unwrap().new_size, 3 * tib - 8 * 4096);
+        assert!(check_growable(&t, 16 * tib + 4096).is_err());
+    }
+
+    /// A reader whose bytes at `bad` cannot be read, like a damaged image or a failing disk.
+    struct Unreadable {
+        data: std::io::Cursor<Vec<u8>>,
+        bad: std::ops::Range<u64>,
+    }
+
+    impl Read for Unreadable {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let at = self.data.position();
+            if self.bad.contains(&at)
+                || (at < self.bad.start && at + buf.len() as u64 > self.bad.start)
+            {
+                return Err(std::io::Error::other("image block 0: checksum mismatch"));
+            }
+            self.data.read(buf)
+        }
+    }
+
+    impl Seek for Unreadable {
+        fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+            self.data.seek(pos)
+        }
+    }
+
+    #[test]
+    fn unreadable_bytes_are_a_read_error_never_no_table() {
+        // The GPT header sector cannot be read: the parsers used to take that for "no GPT" and
+        // report the MBR in sector 0.
+        let mut r = Unreadable {
+            data: std::io::Cursor::new(mbr_disk()),
+            bad: 512..1024,
+        };
+        match read(&mut r, 1 << 20, 512) {
+            Err(ReadError::Io(e)) => {
+                assert!(format!("{e:#}").contains("checksum mismatch"), "{e:#}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut r = Unreadable {
+            data: std::io::Cursor::new(mbr_disk()),
+            bad: 0..512,
+        };
+        assert!(matches!(read(&mut r, 1 << 20, 512), Err(ReadError::Io(_))));
+        // Readable bytes holding a table cairn refuses are a table error.
+        let mut disk = mbr_disk();
+        disk[446 + 4] = 0xee;
+        match read(&mut std::io::Cursor::new(&disk), 1 << 20, 512) {
+            Err(ReadError::Table(e)) => assert!(format!("{e}").contains("protective MBR"), "{e}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// A GPT with valid CRCs whose partition 1 starts at LBA 0 (gptman asserts on it).

@@ -49,6 +49,8 @@ impl Repository {
                 root: root.to_path_buf(),
             });
         }
+        // Before anything is created: a failure must not leave a half-made repository behind.
+        let id = random_hex(16).context("cannot make an id for the new repository")?;
         if root.exists() {
             let mut rd =
                 fs::read_dir(root).with_context(|| format!("cannot read {}", root.display()))?;
@@ -70,8 +72,7 @@ impl Repository {
         for d in ["images", "tmp"] {
             mkdir_private(&root.join(d))?;
         }
-        let marker =
-            serde_json::json!({"format": "cairn-repository", "version": 1, "id": random_hex(16)});
+        let marker = serde_json::json!({"format": "cairn-repository", "version": 1, "id": id});
         write_file_synced(&root.join(MARKER), format!("{marker}\n").as_bytes())?;
         sync_dir(root)?;
         Ok(Repository {
@@ -459,13 +460,14 @@ fn id_order(id: &str) -> (&str, u64) {
     }
 }
 
-/// `n` random bytes as hex, from the kernel's generator.
-pub fn random_hex(n: usize) -> String {
+/// `n` random bytes as hex, from the kernel's generator: cairn's only source of randomness (the
+/// repository id and the tracker's lineage ids). A failure is an error, never zeros, since two
+/// all-zero ids would collide and make one repository's or lineage's tracking data another's.
+pub fn random_hex(n: usize) -> Result<String> {
     let mut b = vec![0u8; n];
-    if let Ok(mut f) = File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut b);
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    getrandom::fill(&mut b)
+        .map_err(|e| anyhow!("the kernel's random number generator failed: {e}"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 pub fn image_error(id: &str, file: &str, offset: Option<u64>, e: FormatError) -> anyhow::Error {
@@ -707,5 +709,32 @@ impl Image {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_ids_are_hex_and_distinct() {
+        let a = random_hex(16).unwrap();
+        let b = random_hex(16).unwrap();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+        assert_ne!(a, b);
+        assert_ne!(a, "0".repeat(32));
+    }
+
+    #[test]
+    fn a_new_repository_gets_a_random_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r1, r2) = (dir.path().join("a"), dir.path().join("b"));
+        let (a, b) = (
+            Repository::open_or_create(&r1).unwrap().identity(),
+            Repository::open_or_create(&r2).unwrap().identity(),
+        );
+        assert_eq!(a.len(), 32, "{a}");
+        assert_ne!(a, b);
     }
 }

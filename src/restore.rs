@@ -4,7 +4,7 @@
 
 use crate::chain::{self, Piece, Planner, Source};
 use crate::device::{self, buf::AlignedBuf, queue::Op, queue::Request, Access, DeviceInfo};
-use crate::progress::Progress;
+use crate::progress::{human_bytes, Progress};
 use crate::reader::{self, BlockDecoder, ChainReader, Payload};
 use crate::repo::{Image, Repository};
 use anyhow::{anyhow, bail, Context, Result};
@@ -93,13 +93,21 @@ pub fn run(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> 
     let table = if m.source.kind == "partition" {
         None
     } else {
+        use crate::ptable::ReadError;
         match image_table(&chain) {
             Ok(t) => t,
-            Err(e) if opts.partition.is_some() || opts.grow_last_partition => {
+            Err(ReadError::Io(e)) => {
+                return Err(e.context(format!(
+                    "image {id} cannot be restored: the blocks holding its partition table could not be read; nothing was written"
+                )))
+            }
+            Err(ReadError::Table(e)) if opts.partition.is_some() || opts.grow_last_partition => {
                 return Err(e.context(format!("image {id}: cannot read its partition table")))
             }
-            Err(e) => {
-                tracing::debug!("image {id}: no readable partition table: {e:#}");
+            Err(ReadError::Table(e)) => {
+                tracing::warn!(
+                    "image {id}: its partition table is not one cairn can read ({e:#}); restoring its bytes as they are, without fitting the table to the target's size or checking the target's sector size against it"
+                );
                 None
             }
         }
@@ -186,6 +194,10 @@ pub fn run(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> 
         }
     }
     if let (Some(t), true) = (&table, whole) {
+        if opts.grow_last_partition {
+            crate::ptable::check_growable(t, target_size)
+                .with_context(|| format!("image {id}: nothing was written"))?;
+        }
         let resized = target_size != image_size || opts.grow_last_partition;
         if t.kind == crate::ptable::TableKind::Gpt && resized {
             let mut r = ImageReader::new(&chain)?;
@@ -468,21 +480,6 @@ fn confirm(what: &str, yes: bool) -> Result<()> {
         bail!("not confirmed; nothing was written");
     }
     Ok(())
-}
-
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {} ({n} bytes)", UNITS[u])
-    }
 }
 
 /// What the writer did with one job, for accounting.
@@ -801,9 +798,11 @@ impl std::io::Seek for ImageReader<'_> {
 }
 
 /// The partition table stored in the restore point's data (None when it has none).
-fn image_table(chain: &[Image]) -> Result<Option<crate::ptable::PartitionTable>> {
+fn image_table(
+    chain: &[Image],
+) -> Result<Option<crate::ptable::PartitionTable>, crate::ptable::ReadError> {
     let m = &chain.last().expect("non-empty chain").manifest;
-    let mut r = ImageReader::new(chain)?;
+    let mut r = ImageReader::new(chain).map_err(crate::ptable::ReadError::Io)?;
     crate::ptable::read(&mut r, m.source.size, m.source.logical_sector_size)
 }
 

@@ -87,6 +87,23 @@ pub struct Geometry {
     pub segments: u32,
 }
 
+impl Geometry {
+    /// The divisions the entry checks make are defined (a manifest that passed validation always
+    /// gives such a geometry; this guards every other caller).
+    fn check(&self) -> Result<(), FormatError> {
+        if !self.block_size.is_power_of_two()
+            || !self.granule.is_power_of_two()
+            || self.granule > self.block_size
+        {
+            return Err(corrupt(format!(
+                "index geometry invalid: block size {}, granule {}",
+                self.block_size, self.granule
+            )));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Index {
     pub entries: Vec<Entry>,
@@ -119,6 +136,7 @@ impl Index {
     /// Parses and validates an index against the image geometry. Entry count and file length must
     /// agree before anything is allocated.
     pub fn decode(b: &[u8], geo: &Geometry) -> Result<Self, FormatError> {
+        geo.check()?;
         if b.len() < HEADER_LEN + TRAILER_LEN {
             return Err(corrupt(format!(
                 "index is {} bytes, shorter than its header",
@@ -218,6 +236,12 @@ fn validate_entry(e: &Entry, geo: &Geometry, prev_end: u64) -> Result<(), String
             if e.stored_length == 0 {
                 return Err("stored extent with no payload".into());
             }
+            if e.segment_offset < super::SEGMENT_HEADER_LEN as u64 {
+                return Err(format!(
+                    "frame at segment offset {}, inside the segment header",
+                    e.segment_offset
+                ));
+            }
             if e.kind == EntryKind::Raw && e.stored_length != e.length {
                 return Err("raw extent whose stored length differs from its length".into());
             }
@@ -298,6 +322,32 @@ mod tests {
             ],
         };
         assert!(Index::decode(&overlap.encode(), &geo()).is_err());
+    }
+
+    #[test]
+    fn a_geometry_no_manifest_passes_is_an_error_not_a_division_by_zero() {
+        let b = Index {
+            entries: vec![entry(0, 64 << 10, EntryKind::Raw)],
+        }
+        .encode();
+        for (block_size, granule) in [(1 << 20, 0), (0, 64 << 10), (0, 0), (64 << 10, 1 << 20)] {
+            let g = Geometry {
+                block_size,
+                granule,
+                ..geo()
+            };
+            let e = Index::decode(&b, &g).unwrap_err();
+            assert!(e.to_string().contains("geometry"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_frame_inside_the_segment_header_is_refused() {
+        let mut e = entry(0, 64 << 10, EntryKind::Raw);
+        e.segment_offset = 31;
+        let b = Index { entries: vec![e] }.encode();
+        let err = Index::decode(&b, &geo()).unwrap_err();
+        assert!(err.to_string().contains("segment header"), "{err}");
     }
 
     #[test]

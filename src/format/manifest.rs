@@ -1,7 +1,9 @@
 //! The manifest: what an image is, checksummed (docs/format.md, "manifest").
 
 use super::{
-    corrupt, parse_hash_hex, valid_image_id, valid_name, FormatError, Hash, FORMAT_VERSION,
+    check_sector_size, corrupt, invalid, parse_hash_hex, valid_image_id, valid_name, FormatError,
+    Hash, Index, FORMAT_VERSION, INDEX_ENTRY_LEN, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_GRANULE,
+    SEGMENT_HEADER_LEN,
 };
 use serde::{Deserialize, Serialize};
 
@@ -137,7 +139,7 @@ pub struct Manifest {
     pub tracking: Option<TrackingRef>,
     /// The source disk's partition table, read at backup start (whole disks and disk-image files).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partition_table: Option<crate::ptable::PartitionTable>,
+    pub partition_table: Option<super::PartitionTableRecord>,
     /// The image's place in the repository's order: one more than the highest sequence in the
     /// repository when it was written (from 1). Absent in manifests written before it existed;
     /// those order by id, before every sequenced image.
@@ -204,7 +206,9 @@ impl Manifest {
         Ok((m, got))
     }
 
-    fn validate(&self) -> Result<(), FormatError> {
+    /// Checks every field against the format's rules (docs/format.md, "manifest"): what `decode`
+    /// refuses, a writer must not commit. Errors name the field and its value.
+    pub fn validate(&self) -> Result<(), FormatError> {
         if self.format_version != FORMAT_VERSION {
             return Err(FormatError::UnknownVersion {
                 found: self.format_version.into(),
@@ -216,16 +220,46 @@ impl Manifest {
         if !valid_name(&self.name) {
             return Err(corrupt(format!("invalid name {:?}", self.name)));
         }
-        let bs = self.block_size;
-        if !bs.is_power_of_two() || !(super::MIN_BLOCK_SIZE..=super::MAX_BLOCK_SIZE).contains(&bs) {
-            return Err(corrupt(format!("block size {bs} out of range")));
-        }
-        if !self.granule.is_power_of_two() || self.granule > bs || self.granule < 4096 {
-            return Err(corrupt(format!("granule {} invalid", self.granule)));
-        }
+        self.validate_lineage()?;
+        self.validate_source()?;
+        self.validate_geometry()?;
         if self.codec != "zstd" {
             return Err(corrupt(format!("unknown codec {:?}", self.codec)));
         }
+        if !zstd::compression_level_range().contains(&self.level) {
+            return Err(invalid("level", self.level, "not a zstd compression level"));
+        }
+        self.validate_storage()?;
+        self.validate_stats()?;
+        let mut end = 0u64;
+        for (i, &(o, l)) in self.bad_ranges.iter().enumerate() {
+            if l == 0 || o < end || o.checked_add(l).is_none_or(|e| e > self.source.size) {
+                return Err(invalid(
+                    &format!("bad_ranges[{i}]"),
+                    format!("[{o}, {l}]"),
+                    "bad ranges must be non-empty, sorted, non-overlapping and inside the source",
+                ));
+            }
+            end = o + l;
+        }
+        if let Some(t) = &self.tracking {
+            let l = &t.lineage;
+            if l.is_empty() || l.len() > 64 || !l.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    "tracking.lineage",
+                    format!("{l:?}"),
+                    "not 1 to 64 hex digits",
+                ));
+            }
+        }
+        if let Some(t) = &self.partition_table {
+            t.validate(self.source.size)?;
+        }
+        Ok(())
+    }
+
+    /// Kind, method, parent and base full agree.
+    fn validate_lineage(&self) -> Result<(), FormatError> {
         match (self.kind, &self.parent, &self.base_full) {
             (ImageKind::Full, None, None) => {}
             (ImageKind::Full, _, _) => return Err(corrupt("full image with a parent")),
@@ -236,6 +270,12 @@ impl Manifest {
                 {
                     return Err(corrupt("invalid parent reference"));
                 }
+                if self.kind == ImageKind::Differential && p.id != *base {
+                    return Err(corrupt(format!(
+                        "differential image whose parent {:?} is not its base full {base:?}",
+                        p.id
+                    )));
+                }
             }
             _ => {
                 return Err(corrupt(
@@ -243,17 +283,69 @@ impl Manifest {
                 ))
             }
         }
-        for (i, s) in self.segments.iter().enumerate() {
-            if s.number as usize != i || parse_hash_hex(&s.blake3).is_none() {
-                return Err(corrupt(format!("segment list entry {i} invalid")));
-            }
+        if (self.kind == ImageKind::Full) != (self.method == Method::Full) {
+            return Err(corrupt(format!(
+                "a {} image made by method {:?}",
+                self.kind.as_str(),
+                self.method
+            )));
         }
-        let mut end = 0u64;
-        for &(o, l) in &self.bad_ranges {
-            if l == 0 || o < end || o.checked_add(l).is_none_or(|e| e > self.source.size) {
-                return Err(corrupt("bad-sector list out of order or beyond the source"));
-            }
-            end = o + l;
+        Ok(())
+    }
+
+    fn validate_source(&self) -> Result<(), FormatError> {
+        let s = &self.source;
+        if !matches!(s.kind.as_str(), "disk" | "partition" | "file") {
+            return Err(invalid(
+                "source.kind",
+                format!("{:?}", s.kind),
+                "not disk, partition or file",
+            ));
+        }
+        // Offsets are handed to pread/pwrite as off_t.
+        if s.size == 0 || s.size > i64::MAX as u64 {
+            return Err(invalid("source.size", s.size, "not 1 to 2^63-1 bytes"));
+        }
+        check_sector_size("source.logical_sector_size", s.logical_sector_size)?;
+        check_sector_size("source.physical_sector_size", s.physical_sector_size)?;
+        if s.physical_sector_size < s.logical_sector_size {
+            return Err(invalid(
+                "source.physical_sector_size",
+                s.physical_sector_size,
+                &format!(
+                    "smaller than source.logical_sector_size {}",
+                    s.logical_sector_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_geometry(&self) -> Result<(), FormatError> {
+        let bs = self.block_size;
+        if !bs.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
+            return Err(invalid(
+                "block_size",
+                bs,
+                &format!("not a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"),
+            ));
+        }
+        // Both are powers of two, so a granule no larger than the block divides it.
+        let g = self.granule;
+        if !g.is_power_of_two() || g < MIN_GRANULE || g > bs {
+            return Err(invalid(
+                "granule",
+                g,
+                &format!("not a power of two from {MIN_GRANULE} to block_size {bs}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The index and segment references, and what their sizes imply.
+    fn validate_storage(&self) -> Result<(), FormatError> {
+        if parse_hash_hex(&self.index.blake3).is_none() {
+            return Err(corrupt("index hash invalid"));
         }
         if let Some(r) = &self.bad_ranges_file {
             if !self.bad_ranges.is_empty()
@@ -265,20 +357,103 @@ impl Manifest {
                 return Err(corrupt("bad-range file reference invalid"));
             }
         }
-        if parse_hash_hex(&self.index.blake3).is_none() {
-            return Err(corrupt("index hash invalid"));
-        }
         if self.sequence == Some(0) {
-            return Err(corrupt("sequence 0 is invalid (sequences start at 1)"));
+            return Err(invalid("sequence", 0, "sequences start at 1"));
         }
-        if self.index.size
-            != super::Index::encoded_len(0)
-                + self
-                    .index
-                    .entries
-                    .saturating_mul(super::INDEX_ENTRY_LEN as u64)
-        {
-            return Err(corrupt("index size does not match its entry count"));
+        // Index entries are disjoint granule-aligned extents of the source.
+        let max_entries = self.source.size.div_ceil(u64::from(self.granule));
+        if self.index.entries > max_entries {
+            return Err(invalid(
+                "index.entries",
+                self.index.entries,
+                &format!(
+                    "more than the {max_entries} granules of a {}-byte source",
+                    self.source.size
+                ),
+            ));
+        }
+        let want = Index::encoded_len(0) + self.index.entries * INDEX_ENTRY_LEN as u64;
+        if self.index.size != want {
+            return Err(invalid(
+                "index.size",
+                self.index.size,
+                &format!("{} entries take {want} bytes", self.index.entries),
+            ));
+        }
+        if self.segments.len() > u32::MAX as usize {
+            return Err(corrupt("more segments than segment numbers"));
+        }
+        let mut segment_bytes = 0u64;
+        for (i, seg) in self.segments.iter().enumerate() {
+            if seg.number as usize != i {
+                return Err(invalid(
+                    &format!("segments[{i}].number"),
+                    seg.number,
+                    "segments must be numbered 0, 1, 2... in order",
+                ));
+            }
+            if parse_hash_hex(&seg.blake3).is_none() {
+                return Err(invalid(
+                    &format!("segments[{i}].blake3"),
+                    format!("{:?}", seg.blake3),
+                    "not 64 lowercase hex digits",
+                ));
+            }
+            if seg.size < SEGMENT_HEADER_LEN as u64 {
+                return Err(invalid(
+                    &format!("segments[{i}].size"),
+                    seg.size,
+                    &format!("shorter than the {SEGMENT_HEADER_LEN}-byte segment header"),
+                ));
+            }
+            segment_bytes = segment_bytes
+                .checked_add(seg.size)
+                .ok_or_else(|| corrupt("segment sizes add up to more than 2^64 bytes"))?;
+        }
+        let stored = segment_bytes.checked_add(self.index.size);
+        if stored != Some(self.stats.stored_bytes) {
+            return Err(invalid(
+                "stats.stored_bytes",
+                self.stats.stored_bytes,
+                &format!(
+                    "the segments ({segment_bytes} bytes) and the index ({} bytes) add up to another size",
+                    self.index.size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The counters cannot describe more than the source holds.
+    fn validate_stats(&self) -> Result<(), FormatError> {
+        let st = &self.stats;
+        let size = self.source.size;
+        for (field, v) in [
+            ("stats.bytes_read", st.bytes_read),
+            ("stats.data_bytes", st.data_bytes),
+        ] {
+            if v > size {
+                return Err(invalid(
+                    field,
+                    v,
+                    &format!("more than the source's {size} bytes"),
+                ));
+            }
+        }
+        // Every block counted is at least one granule of the source.
+        let granules = size.div_ceil(u64::from(self.granule));
+        let extents = st.blocks_zero.checked_add(st.blocks_stored);
+        for (field, v) in [
+            ("stats.blocks_total", Some(st.blocks_total)),
+            ("stats.blocks_zero + stats.blocks_stored", extents),
+        ] {
+            if v.is_none_or(|v| v > granules) {
+                return Err(invalid(
+                    field,
+                    v.map_or("more than 2^64".into(), |v| v.to_string()),
+                    &format!("more than the source's {granules} granules"),
+                ));
+            }
         }
         Ok(())
     }
@@ -344,7 +519,10 @@ pub(crate) mod tests {
                 size: 32,
                 blake3: "11".repeat(32),
             }],
-            stats: Stats::default(),
+            stats: Stats {
+                stored_bytes: 32 + 64,
+                ..Stats::default()
+            },
             bad_ranges: Vec::new(),
             bad_ranges_file: None,
             tracking: None,

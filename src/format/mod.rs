@@ -7,10 +7,12 @@ pub mod badranges;
 pub mod frame;
 pub mod index;
 pub mod manifest;
+pub mod table;
 
 pub use frame::{FrameHeader, SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN};
 pub use index::{Entry, EntryKind, Index, INDEX_ENTRY_LEN};
 pub use manifest::{ImageKind, Manifest, Method, SourceIdentity};
+pub use table::{PartitionRecord, PartitionTableRecord, TableKind};
 
 /// The format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -20,6 +22,8 @@ pub const DEFAULT_BLOCK_SIZE: u32 = 1 << 20;
 /// Bytes per granule: the change-tracking unit. 4 KiB, the page and filesystem block size, so an
 /// incremental image stores what changed rather than the 64 KiB around it.
 pub const GRANULE: u32 = 4 << 10;
+/// The smallest granule a manifest may have (docs/format.md); cairn has never written less.
+pub const MIN_GRANULE: u32 = 4 << 10;
 pub const MIN_BLOCK_SIZE: u32 = 64 << 10;
 pub const MAX_BLOCK_SIZE: u32 = 16 << 20;
 
@@ -37,6 +41,27 @@ pub enum FormatError {
 
 pub(crate) fn corrupt(msg: impl Into<String>) -> FormatError {
     FormatError::Corrupt(msg.into())
+}
+
+/// A manifest field outside its documented range: one line naming the field, its value and why.
+pub(crate) fn invalid(field: &str, value: impl std::fmt::Display, why: &str) -> FormatError {
+    FormatError::Corrupt(format!("{field} = {value}: {why}"))
+}
+
+/// Logical and physical sector sizes: a power of two from 512 to 64 KiB (the kernel's limits for a
+/// logical block size).
+pub const MIN_SECTOR_SIZE: u32 = 512;
+pub const MAX_SECTOR_SIZE: u32 = 64 << 10;
+
+pub(crate) fn check_sector_size(field: &str, v: u32) -> Result<(), FormatError> {
+    if !v.is_power_of_two() || !(MIN_SECTOR_SIZE..=MAX_SECTOR_SIZE).contains(&v) {
+        return Err(invalid(
+            field,
+            v,
+            &format!("not a power of two from {MIN_SECTOR_SIZE} to {MAX_SECTOR_SIZE}"),
+        ));
+    }
+    Ok(())
 }
 
 pub(crate) fn le_u32(b: &[u8], at: usize) -> u32 {

@@ -150,12 +150,12 @@ struct Consumer {
 }
 
 impl Consumer {
-    fn new(start: u64, len: u64, granule: u64, why: &str) -> Consumer {
+    fn new(start: u64, len: u64, granule: u64, why: &str, lineage: String) -> Consumer {
         Consumer {
             start,
             len,
             granule,
-            lineage: random_id(),
+            lineage,
             seq: 0,
             last_image: None,
             last_full: None,
@@ -213,8 +213,8 @@ struct State {
     stopped_for_good: bool,
 }
 
-fn random_id() -> String {
-    crate::repo::random_hex(16)
+fn random_id() -> Result<String> {
+    crate::repo::random_hex(16).context("cannot make a lineage id for the tracker")
 }
 
 pub fn boot_id() -> String {
@@ -446,12 +446,15 @@ impl State {
         if start.checked_add(len).is_none_or(|end| end > dev.size) {
             bail!("range {start}+{len} is outside {}", dev.path.display());
         }
+        // Drawn up front: a consumer is made inside the map entry, where no error can be returned.
+        let fresh_lineage = random_id()?;
         let c = dev.consumers.entry(key.to_string()).or_insert_with(|| {
             Consumer::new(
                 start,
                 len,
                 granule,
                 "no image of this source was taken yet while the tracker ran",
+                fresh_lineage.clone(),
             )
         });
         if (c.start, c.len, c.granule) != (start, len, granule) {
@@ -460,6 +463,7 @@ impl State {
                 len,
                 granule,
                 "the source moved or changed size (partition table changed?)",
+                fresh_lineage,
             );
         }
         if c.pending.is_some() {
