@@ -16,7 +16,7 @@ use crate::device::{self, buf::AlignedBuf, queue::Op, queue::Request, Access, De
 use crate::format::frame::Codec;
 use crate::format::manifest::{IndexRef, ParentRef, Stats, TrackingRef};
 use crate::format::{
-    self, hash_hex, is_zero, Entry, EntryKind, FrameHeader, ImageKind, Index, Manifest, Method,
+    self, hash_hex, is_zero, Entry, EntryKind, FrameHeader, ImageKind, Manifest, Method,
     SourceIdentity,
 };
 use crate::progress::Progress;
@@ -273,7 +273,7 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     let mut stats = Stats::default();
     let mut found: Vec<(u64, u64)> = Vec::new();
     let explicit_zero = kind != ImageKind::Full;
-    let entries = pipeline(
+    let bad_ranges = pipeline(
         handle,
         buffers,
         geometry,
@@ -285,7 +285,6 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
             progress.advance(unit.read_len);
             stats.blocks_total += 1;
             stats.bytes_read += unit.read_len;
-            let mut entries = Vec::new();
             for out in unit.outs {
                 let (g0, g1) = (
                     out.offset / u64::from(granule),
@@ -298,7 +297,7 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
                 let Some((codec, payload)) = out.stored else {
                     stats.blocks_zero += 1;
                     if explicit_zero {
-                        entries.push(Entry {
+                        writer.push_entry(&Entry {
                             offset: out.offset,
                             length: out.len as u32,
                             kind: EntryKind::Zero,
@@ -307,7 +306,7 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
                             segment_offset: 0,
                             crc: 0,
                             hash: out.hash,
-                        });
+                        })?;
                     }
                     continue;
                 };
@@ -322,7 +321,7 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
                     crc,
                 };
                 let (segment, segment_offset) = writer.append(&header, payload)?;
-                entries.push(Entry {
+                writer.push_entry(&Entry {
                     offset: out.offset,
                     length: out.len as u32,
                     kind: if codec == Codec::Zstd {
@@ -335,9 +334,9 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
                     segment_offset,
                     crc,
                     hash: out.hash,
-                });
+                })?;
             }
-            Ok(entries)
+            Ok(())
         },
     )
     .with_context(|| {
@@ -367,10 +366,8 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     }
 
     let segments = writer.finish_segments()?;
-    let (entries, bad_ranges) = entries;
-    let index = Index { entries };
-    let index_bytes = index.encode();
-    stats.stored_bytes = segments.iter().map(|s| s.size).sum::<u64>() + index_bytes.len() as u64;
+    let index = writer.finish_index()?;
+    stats.stored_bytes = segments.iter().map(|s| s.size).sum::<u64>() + index.size;
     stats.duration_ms = started.elapsed().as_millis() as u64;
     // Unreadable ranges go to their own binary file: a dying disk can have hundreds of thousands,
     // too many for the manifest's JSON.
@@ -408,9 +405,9 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
         codec: "zstd".into(),
         level: opts.level,
         index: IndexRef {
-            entries: index.entries.len() as u64,
-            size: index_bytes.len() as u64,
-            blake3: blake3::hash(&index_bytes).to_hex().to_string(),
+            entries: index.entries,
+            size: index.size,
+            blake3: hash_hex(&index.blake3),
         },
         segments,
         stats: stats.clone(),
@@ -437,7 +434,7 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
             format::manifest::MAX_MANIFEST_LEN
         );
     }
-    writer.commit(&index_bytes, &manifest_bytes)?;
+    writer.commit(&manifest_bytes)?;
     drop(lock);
     // Only now, with the image published, may the tracker forget what this image holds —
     // except the unreadable ranges: their content is unknown, so the next backup reads them again.
@@ -745,8 +742,8 @@ struct Processed {
 type BadRanges = Vec<(u64, u64)>;
 
 /// Backup's use of the ordered pipeline: the source reader, `workers` block stages, and `sink`
-/// called for each read unit in order on the caller's thread. Returns the index entries the sink
-/// produced and the unreadable ranges the reader found.
+/// called for each read unit in order on the caller's thread. Returns the unreadable ranges the
+/// reader found.
 #[allow(clippy::too_many_arguments)]
 fn pipeline(
     handle: device::Handle,
@@ -756,8 +753,8 @@ fn pipeline(
     level: i32,
     work: &Work,
     base: &[Image],
-    sink: impl FnMut(Unit<'_>) -> Result<Vec<Entry>>,
-) -> Result<(Vec<Entry>, BadRanges)> {
+    sink: impl FnMut(Unit<'_>) -> Result<()>,
+) -> Result<BadRanges> {
     let total_units = match work {
         Work::All | Work::Compare => geo.size.div_ceil(u64::from(geo.block_size)),
         Work::Extents(e) => e.len() as u64,
@@ -766,7 +763,6 @@ fn pipeline(
     let mut writer = SegmentSink {
         sink,
         free_tx,
-        entries: Vec::new(),
         units: 0,
     };
     let bad = crate::pipeline::run(
@@ -782,7 +778,7 @@ fn pipeline(
             writer.units
         );
     }
-    Ok((writer.entries, bad))
+    Ok(bad)
 }
 
 /// Log lines about individual unreadable ranges before they are only counted (a dying disk can
@@ -907,7 +903,11 @@ fn read_all(
             if let Some(p) = planner.as_mut() {
                 expected.insert(
                     next,
-                    fit_pieces(p.next().unwrap_or_default(), offset, want as u64),
+                    fit_pieces(
+                        p.next().transpose()?.unwrap_or_default(),
+                        offset,
+                        want as u64,
+                    ),
                 );
             }
             reached = reached.max(offset);
@@ -1194,7 +1194,7 @@ impl<'a> Comparer<'a> {
                     }
                 }
                 Source::Entry(ci, ei) => {
-                    let e = &self.base[ci].index.entries[ei];
+                    let e = crate::chain::entry(&self.base[ci], ei as u64)?;
                     let whole = e.offset == p.offset && u64::from(e.length) == p.len;
                     if whole && blake3::hash(slice).as_bytes() == &e.hash {
                         continue;
@@ -1249,13 +1249,10 @@ fn zero_hash(len: usize) -> format::Hash {
 struct SegmentSink<F> {
     sink: F,
     free_tx: Sender<AlignedBuf>,
-    entries: Vec<Entry>,
     units: u64,
 }
 
-impl<F: FnMut(Unit<'_>) -> Result<Vec<Entry>>> crate::pipeline::Consumer<Processed>
-    for SegmentSink<F>
-{
+impl<F: FnMut(Unit<'_>) -> Result<()>> crate::pipeline::Consumer<Processed> for SegmentSink<F> {
     fn take(&mut self, p: Processed) -> Result<()> {
         let outs = p
             .outs
@@ -1273,10 +1270,10 @@ impl<F: FnMut(Unit<'_>) -> Result<Vec<Entry>>> crate::pipeline::Consumer<Process
                 },
             })
             .collect();
-        self.entries.extend((self.sink)(Unit {
+        (self.sink)(Unit {
             read_len: p.len as u64,
             outs,
-        })?);
+        })?;
         let _ = self.free_tx.send(p.buf);
         self.units += 1;
         Ok(())

@@ -7,9 +7,11 @@
 //! Every reader of a restore point (restore, `restore --verify`, verify, a compare-scan's base)
 //! takes its plan from here.
 
-use crate::format::{EntryKind, ImageKind};
+use crate::format::{Entry, EntryKind, ImageKind};
 use crate::repo::{Image, Repository};
 use anyhow::{bail, Result};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 /// Loads the chain ending at `id`, oldest (the full) first, checking each parent link against the
 /// manifest hash the child recorded.
@@ -81,9 +83,20 @@ pub struct Piece {
 /// the source when that image was taken reads as zero from that image on, unless a later image
 /// stores it (a chain that shrank and grew again must not resurrect an older image's bytes).
 /// Whatever no image claims is zero (a full image leaves all-zero blocks out).
+///
+/// Entries are read from each image's index as the walk reaches them, and a block looks only at
+/// the images that have entries in it or whose source ends inside it: memory does not grow with
+/// the image and time grows with the entries visited, not with blocks × chain length.
 pub struct Planner<'a> {
     chain: &'a [Image],
-    cursors: Vec<usize>,
+    /// Per image, the next entry not yet planned.
+    cursors: Vec<u64>,
+    /// (offset of the next entry, image) for every image with entries left; filled on first use.
+    next: BinaryHeap<Reverse<(u64, usize)>>,
+    started: bool,
+    /// Source sizes ascending, and the newest image among those up to each position.
+    by_size: Vec<(u64, usize)>,
+    newest_up_to: Vec<usize>,
     block: u64,
     blocks: u64,
     block_size: u64,
@@ -95,9 +108,26 @@ impl<'a> Planner<'a> {
     pub fn new(chain: &'a [Image]) -> Self {
         let m = &chain[chain.len() - 1].manifest;
         let block_size = u64::from(m.block_size);
+        let mut by_size: Vec<(u64, usize)> = chain
+            .iter()
+            .enumerate()
+            .map(|(ci, img)| (img.manifest.source.size, ci))
+            .collect();
+        by_size.sort_unstable();
+        let newest_up_to = by_size
+            .iter()
+            .scan(0usize, |newest, &(_, ci)| {
+                *newest = (*newest).max(ci);
+                Some(*newest)
+            })
+            .collect();
         Planner {
             chain,
             cursors: vec![0; chain.len()],
+            next: BinaryHeap::new(),
+            started: false,
+            by_size,
+            newest_up_to,
             block: 0,
             blocks: m.source.size.div_ceil(block_size),
             block_size,
@@ -108,6 +138,122 @@ impl<'a> Planner<'a> {
     pub fn blocks(&self) -> u64 {
         self.blocks
     }
+
+    /// Moves the walk to `block` (the next call to `next` plans it): each image's cursor is found
+    /// by binary search in its index.
+    pub fn seek(&mut self, block: u64) -> Result<()> {
+        let at = block.saturating_mul(self.block_size);
+        for (ci, img) in self.chain.iter().enumerate() {
+            let (mut lo, mut hi) = (0u64, img.index.len());
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2;
+                if entry(img, mid)?.offset < at {
+                    lo = mid + 1;
+                } else {
+                    hi = mid;
+                }
+            }
+            self.cursors[ci] = lo;
+        }
+        self.block = block;
+        self.started = false;
+        Ok(())
+    }
+
+    /// Fills the heap from the cursors.
+    fn start(&mut self) -> Result<()> {
+        self.next.clear();
+        for (ci, img) in self.chain.iter().enumerate() {
+            if self.cursors[ci] < img.index.len() {
+                let e = entry(img, self.cursors[ci])?;
+                self.next.push(Reverse((e.offset, ci)));
+            }
+        }
+        self.started = true;
+        Ok(())
+    }
+
+    /// Every entry of any image that starts before `end`, as (image, entry number, entry),
+    /// grouped by image; the cursors move past them.
+    fn entries_before(&mut self, end: u64) -> Result<Vec<(usize, usize, Entry)>> {
+        let mut found = Vec::new();
+        while let Some(&Reverse((offset, ci))) = self.next.peek() {
+            if offset >= end {
+                break;
+            }
+            self.next.pop();
+            let img = &self.chain[ci];
+            while self.cursors[ci] < img.index.len() {
+                let e = entry(img, self.cursors[ci])?;
+                if e.offset >= end {
+                    self.next.push(Reverse((e.offset, ci)));
+                    break;
+                }
+                found.push((ci, self.cursors[ci] as usize, e));
+                self.cursors[ci] += 1;
+            }
+        }
+        Ok(found)
+    }
+
+    fn plan_block(&mut self) -> Result<Vec<Piece>> {
+        if !self.started {
+            self.start()?;
+        }
+        let start = self.block * self.block_size;
+        let end = (start + self.block_size).min(self.size);
+        self.block += 1;
+        let found = self.entries_before(end)?;
+        // The newest image whose source ended at or before this block claims all of it that no
+        // newer image claims; older images cannot matter here.
+        let ended = self.by_size.partition_point(|&(s, _)| s <= start);
+        let floor = ended.checked_sub(1).map(|k| self.newest_up_to[k]);
+        let ends_inside = self.by_size.partition_point(|&(s, _)| s < end);
+        let mut images: Vec<usize> = found.iter().map(|f| f.0).collect();
+        images.extend(self.by_size[ended..ends_inside].iter().map(|&(_, ci)| ci));
+        images.sort_unstable_by(|a, b| b.cmp(a));
+        images.dedup();
+        let mut unclaimed = Unclaimed(vec![(start, end)]);
+        let mut pieces: Vec<Piece> = Vec::new();
+        for ci in images {
+            if floor.is_some_and(|f| ci < f) || unclaimed.0.is_empty() {
+                break;
+            }
+            for (_, ei, e) in found.iter().filter(|f| f.0 == ci) {
+                let source = if e.kind == EntryKind::Zero {
+                    Source::Zero
+                } else {
+                    Source::Entry(ci, *ei)
+                };
+                unclaimed.claim(e.offset.max(start), e.end().min(end), source, &mut pieces);
+            }
+            let outside = self.chain[ci].manifest.source.size;
+            unclaimed.claim(outside.max(start), end, Source::Zero, &mut pieces);
+        }
+        for (s, e) in std::mem::take(&mut unclaimed.0) {
+            pieces.push(Piece {
+                offset: s,
+                len: e - s,
+                source: Source::Zero,
+            });
+        }
+        pieces.sort_by_key(|p| p.offset);
+        let mut merged: Vec<Piece> = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            match merged.last_mut() {
+                Some(m) if m.source == p.source && m.offset + m.len == p.offset => m.len += p.len,
+                _ => merged.push(p),
+            }
+        }
+        Ok(merged)
+    }
+}
+
+/// Entry `i` of an image's index, with the image named in the error.
+pub fn entry(img: &Image, i: u64) -> Result<Entry> {
+    img.index
+        .get(i)
+        .map_err(|e| crate::repo::image_error(img.id(), "index", None, e))
 }
 
 /// The parts of one block that no newer image has claimed yet, ascending and disjoint.
@@ -143,54 +289,15 @@ impl Unclaimed {
 }
 
 impl Iterator for Planner<'_> {
-    /// The pieces of one block, in ascending order, covering it exactly.
-    type Item = Vec<Piece>;
+    /// The pieces of one block, in ascending order, covering it exactly; or why the chain's index
+    /// could not be read.
+    type Item = Result<Vec<Piece>>;
 
-    fn next(&mut self) -> Option<Vec<Piece>> {
+    fn next(&mut self) -> Option<Result<Vec<Piece>>> {
         if self.block >= self.blocks {
             return None;
         }
-        let start = self.block * self.block_size;
-        let end = (start + self.block_size).min(self.size);
-        self.block += 1;
-        let mut unclaimed = Unclaimed(vec![(start, end)]);
-        let mut pieces: Vec<Piece> = Vec::new();
-        for ci in (0..self.chain.len()).rev() {
-            let entries = &self.chain[ci].index.entries;
-            let cur = &mut self.cursors[ci];
-            // Entries are sorted and lie inside one block each, so a cursor per image suffices.
-            while *cur < entries.len() && entries[*cur].offset < end {
-                let e = &entries[*cur];
-                let source = if e.kind == EntryKind::Zero {
-                    Source::Zero
-                } else {
-                    Source::Entry(ci, *cur)
-                };
-                unclaimed.claim(e.offset.max(start), e.end().min(end), source, &mut pieces);
-                *cur += 1;
-            }
-            let outside = self.chain[ci].manifest.source.size;
-            unclaimed.claim(outside.max(start), end, Source::Zero, &mut pieces);
-            if unclaimed.0.is_empty() {
-                break;
-            }
-        }
-        for (s, e) in std::mem::take(&mut unclaimed.0) {
-            pieces.push(Piece {
-                offset: s,
-                len: e - s,
-                source: Source::Zero,
-            });
-        }
-        pieces.sort_by_key(|p| p.offset);
-        let mut merged: Vec<Piece> = Vec::with_capacity(pieces.len());
-        for p in pieces {
-            match merged.last_mut() {
-                Some(m) if m.source == p.source && m.offset + m.len == p.offset => m.len += p.len,
-                _ => merged.push(p),
-            }
-        }
-        Some(merged)
+        Some(self.plan_block())
     }
 }
 
@@ -205,25 +312,23 @@ pub fn precheck(
     progress: &crate::progress::Progress,
 ) -> Result<()> {
     let mut reader = crate::reader::ChainReader::new(chain);
-    let mut seen: Vec<Vec<bool>> = chain
-        .iter()
-        .map(|i| vec![false; i.index.entries.len()])
-        .collect();
     let total: u64 = chain.iter().map(|i| i.manifest.stats.stored_bytes).sum();
     progress.start(total, "checking the images before writing");
     let mut payload = Vec::new();
     for pieces in Planner::new(chain) {
-        for p in pieces {
+        // An entry lies inside one block, so it is read at most once per block: once in all.
+        let mut seen: Vec<(usize, usize)> = Vec::new();
+        for p in pieces? {
             if p.offset + p.len <= range.0 || p.offset >= range.1 {
                 continue;
             }
             if let Source::Entry(ci, ei) = p.source {
-                if std::mem::replace(&mut seen[ci][ei], true) {
+                if seen.contains(&(ci, ei)) {
                     continue;
                 }
-                let e = &chain[ci].index.entries[ei];
+                seen.push((ci, ei));
                 reader.read_payload(ci, ei, &mut payload)?;
-                progress.advance(u64::from(e.stored_length));
+                progress.advance(payload.len() as u64);
             }
         }
     }
@@ -294,7 +399,12 @@ pub fn unreadable_at(chain: &[Image]) -> Result<Vec<(u64, u64)>> {
         open = spans::subtract(&open, &bad);
         let read: Vec<(u64, u64)> = match m.method {
             crate::format::Method::Tracked => {
-                spans::merged(img.index.entries.iter().map(|e| (e.offset, e.end())))
+                let mut read = Vec::new();
+                for i in 0..img.index.len() {
+                    let e = entry(img, i)?;
+                    read.push((e.offset, e.end()));
+                }
+                spans::merged(read.into_iter())
             }
             _ => vec![(0, m.source.size)],
         };

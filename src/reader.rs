@@ -56,6 +56,7 @@ fn read_failure(err: std::io::Error, what: String) -> anyhow::Error {
 pub struct Payload {
     pub ci: usize,
     pub ei: usize,
+    pub entry: Entry,
     pub codec: Codec,
     pub bytes: Vec<u8>,
 }
@@ -136,8 +137,13 @@ impl<'a> ChainReader<'a> {
     /// Reads the stored payload of entry `ei` of chain image `ci` into `out`, checking the frame
     /// header against the entry and the payload's crc. Returns the codec.
     pub fn read_payload(&mut self, ci: usize, ei: usize, out: &mut Vec<u8>) -> Result<Codec> {
+        let e = crate::chain::entry(&self.chain[ci], ei as u64)?;
+        self.read_entry_payload(ci, &e, out)
+    }
+
+    /// As [`Self::read_payload`], for an entry already looked up in image `ci`'s index.
+    pub fn read_entry_payload(&mut self, ci: usize, e: &Entry, out: &mut Vec<u8>) -> Result<Codec> {
         let chain = self.chain;
-        let e = &chain[ci].index.entries[ei];
         let id = chain[ci].id();
         let name = segment_file_name(e.segment);
         let at = e.segment_offset;
@@ -196,10 +202,12 @@ impl<'a> ChainReader<'a> {
                     continue;
                 }
                 let mut bytes = Vec::new();
-                let codec = self.read_payload(ci, ei, &mut bytes)?;
+                let entry = crate::chain::entry(&self.chain[ci], ei as u64)?;
+                let codec = self.read_entry_payload(ci, &entry, &mut bytes)?;
                 out.push(Payload {
                     ci,
                     ei,
+                    entry,
                     codec,
                     bytes,
                 });
@@ -244,20 +252,19 @@ pub fn assemble(
     dctx: &mut zstd::bulk::Decompressor<'_>,
     scratch: &mut Vec<u8>,
 ) -> Result<()> {
-    let entry = |p: &Payload| -> &Entry { &chain[p.ci].index.entries[p.ei] };
     let base = payloads.iter().position(|p| {
-        let e = entry(p);
+        let e = &p.entry;
         e.offset == offset && e.length as usize == block.len()
     });
     if let Some(b) = base {
         let p = &payloads[b];
-        decode_checked(chain[p.ci].id(), entry(p), p.codec, &p.bytes, dctx, block)?;
+        decode_checked(chain[p.ci].id(), &p.entry, p.codec, &p.bytes, dctx, block)?;
     }
     for (i, p) in payloads.iter().enumerate() {
         if Some(i) == base {
             continue;
         }
-        let e = entry(p);
+        let e = &p.entry;
         scratch.resize(e.length as usize, 0);
         decode_checked(chain[p.ci].id(), e, p.codec, &p.bytes, dctx, scratch)?;
         for piece in pieces
@@ -328,12 +335,12 @@ impl<'a> BlockDecoder<'a> {
         if self.entry_is != Some((ci, ei)) {
             self.entry_is = None;
             let chain = self.reader.chain();
-            let e = &chain[ci].index.entries[ei];
-            let codec = self.reader.read_payload(ci, ei, &mut self.payload)?;
+            let e = crate::chain::entry(&chain[ci], ei as u64)?;
+            let codec = self.reader.read_entry_payload(ci, &e, &mut self.payload)?;
             self.entry.resize(e.length as usize, 0);
             decode_checked(
                 chain[ci].id(),
-                e,
+                &e,
                 codec,
                 &self.payload,
                 &mut self.dctx,

@@ -3,8 +3,8 @@
 
 use crate::format::frame::image_tag;
 use crate::format::{
-    self, parse_hash_hex, segment_file_name, FormatError, FrameHeader, ImageKind, Index, Manifest,
-    SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
+    self, parse_hash_hex, segment_file_name, FormatError, FrameHeader, ImageKind, IndexFile,
+    IndexWriter, Manifest, SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
 use anyhow::{anyhow, bail, Context, Result};
 use std::fs::{self, File, OpenOptions};
@@ -334,25 +334,33 @@ impl Repository {
         Ok((m, h))
     }
 
-    /// Loads an image with its index, checking the index against the manifest.
+    /// Loads an image with its index, checking the whole index against the manifest (read front
+    /// to back in bounded memory; entries are read again on demand).
     pub fn load_image(&self, id: &str) -> Result<Image> {
         let (manifest, manifest_hash) = self.load_manifest(id)?;
         let dir = self.images_dir().join(id);
         let ipath = dir.join("index");
-        let bytes = read_bounded(&ipath, manifest.index.size.max(64))
-            .with_context(|| format!("image {id}: cannot read index"))?;
-        if bytes.len() as u64 != manifest.index.size {
+        let len = fs::metadata(&ipath)
+            .with_context(|| format!("image {id}: cannot read index"))?
+            .len();
+        if len != manifest.index.size {
             bail!(
-                "image {id}: index is {} bytes, the manifest says {} (truncated or replaced)",
-                bytes.len(),
+                "image {id}: index is {len} bytes, the manifest says {} (truncated or replaced)",
                 manifest.index.size
             );
         }
-        if parse_hash_hex(&manifest.index.blake3) != Some(*blake3::hash(&bytes).as_bytes()) {
+        let (index, hash) = IndexFile::open(&ipath, &manifest.geometry())
+            .map_err(|e| image_error(id, "index", None, e))?;
+        if parse_hash_hex(&manifest.index.blake3) != Some(hash) {
             bail!("image {id}: index checksum does not match the manifest (the index is damaged)");
         }
-        let index = Index::decode(&bytes, &manifest.geometry())
-            .map_err(|e| image_error(id, "index", None, e))?;
+        if index.len() != manifest.index.entries {
+            bail!(
+                "image {id}: index holds {} entries, the manifest says {}",
+                index.len(),
+                manifest.index.entries
+            );
+        }
         Ok(Image {
             dir,
             manifest,
@@ -369,7 +377,19 @@ impl Repository {
     ) -> Result<ImageWriter> {
         let dir = self.tmp_dir().join(id);
         mkdir_private(&dir)?;
+        let ipath = dir.join("index");
+        let index = IndexWriter::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&ipath)
+                .with_context(|| format!("cannot create {}", ipath.display()))?,
+        )
+        .map_err(|e| write_error(e, &dir, "index"))?;
         Ok(ImageWriter {
+            index: Some(index),
             repo_images: self.images_dir(),
             repo_tmp: self.tmp_dir(),
             dir,
@@ -534,6 +554,8 @@ pub struct ImageWriter {
     segment_size: u64,
     current: Option<OpenSegment>,
     finished: Vec<format::manifest::SegmentRef>,
+    /// Written as the backup runs; None once finished.
+    index: Option<IndexWriter>,
     committed: bool,
 }
 
@@ -626,10 +648,33 @@ impl ImageWriter {
         write_file_synced(&self.dir.join(name), bytes)
     }
 
-    /// Writes index and manifest, then atomically publishes the image.
-    pub fn commit(mut self, index_bytes: &[u8], manifest_bytes: &[u8]) -> Result<PathBuf> {
+    /// Appends one index entry (entries come in ascending order).
+    pub fn push_entry(&mut self, e: &format::Entry) -> Result<()> {
+        let dir = &self.dir;
+        self.index
+            .as_mut()
+            .ok_or_else(|| anyhow!("the index of image {} is already finished", self.id))?
+            .push(e)
+            .map_err(|err| write_error(err, dir, "index"))
+    }
+
+    /// Completes and fsyncs the index; returns what the manifest records about it.
+    pub fn finish_index(&mut self) -> Result<format::IndexSummary> {
+        let w = self
+            .index
+            .take()
+            .ok_or_else(|| anyhow!("the index of image {} is already finished", self.id))?;
+        let (file, summary) = w.finish().map_err(|e| write_error(e, &self.dir, "index"))?;
+        file.sync_all().context("fsync index")?;
+        Ok(summary)
+    }
+
+    /// Writes the manifest, then atomically publishes the image (the index is finished first).
+    pub fn commit(mut self, manifest_bytes: &[u8]) -> Result<PathBuf> {
         self.close_segment()?;
-        write_file_synced(&self.dir.join("index"), index_bytes)?;
+        if self.index.is_some() {
+            bail!("image {}: commit before its index was finished", self.id);
+        }
         write_file_synced(&self.dir.join("manifest"), manifest_bytes)?;
         sync_dir(&self.dir)?;
         let dest = self.repo_images.join(&self.id);
@@ -683,7 +728,7 @@ pub struct Image {
     pub dir: PathBuf,
     pub manifest: Manifest,
     pub manifest_hash: format::Hash,
-    pub index: Index,
+    pub index: IndexFile,
 }
 
 impl Image {

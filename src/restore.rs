@@ -571,6 +571,7 @@ fn read_jobs(
     // A closed channel means the writer stopped; its error is the one reported.
     let send = |job: Job| tx.send(job).is_ok();
     for pieces in Planner::new(chain) {
+        let pieces = pieces?;
         if pieces[0].offset >= range.end {
             break;
         }
@@ -767,9 +768,13 @@ impl std::io::Read for ImageReader<'_> {
         }
         let block = self.pos / self.block_size;
         if self.cache.as_ref().map(|c| c.0) != Some(block) {
-            let pieces = Planner::new(self.dec.chain())
-                .nth(block as usize)
-                .ok_or_else(|| std::io::Error::other("restore plan ended early"))?;
+            let io = |e: anyhow::Error| std::io::Error::other(format!("{e:#}"));
+            let mut planner = Planner::new(self.dec.chain());
+            planner.seek(block).map_err(io)?;
+            let pieces = planner
+                .next()
+                .ok_or_else(|| std::io::Error::other("restore plan ended early"))?
+                .map_err(io)?;
             let data = self
                 .dec
                 .decode(&pieces)
@@ -857,6 +862,7 @@ fn check_fits(
     let mut last_end = 0u64;
     let mut dec = BlockDecoder::new(chain)?;
     for pieces in Planner::new(chain) {
+        let pieces = pieces?;
         if pieces[0].offset >= region.end {
             break;
         }
@@ -924,6 +930,7 @@ fn verify_target(chain: &[Image], range: Range, path: &Path, progress: &Progress
     );
     let align = device::buf::ALIGN as u64;
     for pieces in Planner::new(chain) {
+        let pieces = pieces?;
         if pieces[0].offset >= range.end {
             break;
         }
@@ -948,7 +955,7 @@ fn verify_target(chain: &[Image], range: Range, path: &Path, progress: &Progress
             let same = match p.source {
                 Source::Zero => crate::format::is_zero(got),
                 Source::Entry(ci, ei) => {
-                    let e = &chain[ci].index.entries[ei];
+                    let e = crate::chain::entry(&chain[ci], ei as u64)?;
                     if e.offset == p.offset && u64::from(e.length) == p.len {
                         blake3::hash(got).as_bytes() == &e.hash
                     } else {

@@ -150,9 +150,29 @@ fn check_image(repo: &Repository, id: &str, progress: &Progress) -> ImageStatus 
     st.kind = Some(img.manifest.kind.as_str());
     let total: u64 = img.manifest.segments.iter().map(|s| s.size).sum();
     progress.start(total, &format!("verifying {id}"));
+    // The writer appends frames in index order, so one pass over the index visits every
+    // segment's frames in file order; the index is never held in memory.
+    let mut stored = (0..img.index.len())
+        .map(|i| crate::chain::entry(&img, i))
+        .filter(|r| r.as_ref().map_or(true, |e| e.kind.codec().is_some()))
+        .peekable();
     for seg in &img.manifest.segments {
-        if let Err(e) = check_segment(&img, seg.number, &mut st, progress) {
+        if let Err(e) = check_segment(&img, seg.number, &mut stored, &mut st, progress) {
             st.errors.push(format!("{e:#}"));
+            // Skip what the failed segment's frames left unread.
+            while stored
+                .next_if(|r| r.as_ref().is_ok_and(|e| e.segment == seg.number))
+                .is_some()
+            {}
+        }
+    }
+    if let Some(left) = stored.next() {
+        match left {
+            Ok(e) => st.errors.push(format!(
+                "image {id}: the index is not in write order (a frame in segment {} at source offset {} after later segments)",
+                e.segment, e.offset
+            )),
+            Err(e) => st.errors.push(format!("{e:#}")),
         }
     }
     progress.finish();
@@ -177,6 +197,7 @@ fn check_image(repo: &Repository, id: &str, progress: &Progress) -> ImageStatus 
 fn check_segment(
     img: &Image,
     number: u32,
+    stored: &mut std::iter::Peekable<impl Iterator<Item = Result<crate::format::Entry>>>,
     st: &mut ImageStatus,
     progress: &Progress,
 ) -> Result<()> {
@@ -199,18 +220,13 @@ fn check_segment(
         .map_err(|e| anyhow!("image {id}, {name}, offset 0: {e}"))?;
     hasher.update(&hb);
     SegmentHeader::decode(&hb).map_err(|e| image_error(id, &name, Some(0), e))?;
-    let mut entries: Vec<_> = img
-        .index
-        .entries
-        .iter()
-        .filter(|e| e.kind.codec().is_some() && e.segment == number)
-        .collect();
-    entries.sort_by_key(|e| e.segment_offset);
     let mut pos = SEGMENT_HEADER_LEN as u64;
     let mut dctx = zstd::bulk::Decompressor::new()?;
     let mut payload = Vec::new();
     let mut plain = Vec::new();
-    for e in entries {
+    while let Some(e) = stored.next_if(|r| r.as_ref().map_or(true, |e| e.segment == number)) {
+        let e = e?;
+        let e = &e;
         if e.segment_offset != pos {
             return Err(anyhow!(
                 "image {id}, {name}, offset {pos}: the index expects the next frame at {}; the segment is damaged",

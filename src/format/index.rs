@@ -114,78 +114,298 @@ impl Index {
         (HEADER_LEN + TRAILER_LEN) as u64 + (entries as u64) * INDEX_ENTRY_LEN as u64
     }
 
+    /// The whole index in memory (tests and fuzzing; backups stream it with [`IndexWriter`]).
     pub fn encode(&self) -> Vec<u8> {
         let n = self.entries.len();
-        let mut b = vec![0u8; Self::encoded_len(n) as usize];
-        b[0..8].copy_from_slice(MAGIC);
-        b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-        b[12..16].copy_from_slice(&(INDEX_ENTRY_LEN as u32).to_le_bytes());
-        b[16..24].copy_from_slice(&(n as u64).to_le_bytes());
-        let crc = crc32fast::hash(&b[0..28]);
-        b[28..32].copy_from_slice(&crc.to_le_bytes());
-        for (i, e) in self.entries.iter().enumerate() {
-            let at = HEADER_LEN + i * INDEX_ENTRY_LEN;
-            e.encode_into(&mut b[at..at + INDEX_ENTRY_LEN]);
+        let mut b = Vec::with_capacity(Self::encoded_len(n) as usize);
+        b.extend_from_slice(&header(n as u64));
+        for e in &self.entries {
+            let mut eb = [0u8; INDEX_ENTRY_LEN];
+            e.encode_into(&mut eb);
+            b.extend_from_slice(&eb);
         }
-        let body_end = b.len() - TRAILER_LEN;
-        let h = blake3::hash(&b[..body_end]);
-        b[body_end..].copy_from_slice(h.as_bytes());
+        let h = blake3::hash(&b);
+        b.extend_from_slice(h.as_bytes());
         b
     }
 
-    /// Parses and validates an index against the image geometry. Entry count and file length must
-    /// agree before anything is allocated.
+    /// Parses and validates a whole index held in memory, with the checks [`IndexFile::open`]
+    /// makes. Entry count and length must agree before anything is allocated.
     pub fn decode(b: &[u8], geo: &Geometry) -> Result<Self, FormatError> {
         geo.check()?;
-        if b.len() < HEADER_LEN + TRAILER_LEN {
-            return Err(corrupt(format!(
-                "index is {} bytes, shorter than its header",
-                b.len()
+        let mut entries = Vec::new();
+        check_stream(b, b.len() as u64, geo, |e| entries.push(e))?;
+        Ok(Index { entries })
+    }
+}
+
+/// Entries per chunk of the read cache (9 KiB).
+const CHUNK_ENTRIES: u64 = 128;
+/// Chunks kept per open index: the planner's cursor and the readers behind it stay within a few
+/// chunks of each other, and a chain of thousands of images stays within a few tens of MiB.
+const CACHED_CHUNKS: usize = 2;
+
+/// Writes an index front to back as a backup runs, so no image's entries are ever all in memory:
+/// a header whose count is patched in at the end, the entries, and the BLAKE3 trailer.
+pub struct IndexWriter {
+    out: std::io::BufWriter<std::fs::File>,
+    count: u64,
+    prev_end: u64,
+}
+
+/// What the manifest records about a finished index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexSummary {
+    pub entries: u64,
+    pub size: u64,
+    /// BLAKE3 of the whole file.
+    pub blake3: Hash,
+}
+
+fn header(count: u64) -> [u8; HEADER_LEN] {
+    let mut b = [0u8; HEADER_LEN];
+    b[0..8].copy_from_slice(MAGIC);
+    b[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b[12..16].copy_from_slice(&(INDEX_ENTRY_LEN as u32).to_le_bytes());
+    b[16..24].copy_from_slice(&count.to_le_bytes());
+    let crc = crc32fast::hash(&b[0..28]);
+    b[28..32].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+impl IndexWriter {
+    /// Starts an index in `file` (empty, opened for reading and writing).
+    pub fn new(file: std::fs::File) -> std::io::Result<Self> {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+        std::io::Write::write_all(&mut out, &header(0))?;
+        Ok(IndexWriter {
+            out,
+            count: 0,
+            prev_end: 0,
+        })
+    }
+
+    /// Appends one entry; entries come in ascending, non-overlapping order.
+    pub fn push(&mut self, e: &Entry) -> std::io::Result<()> {
+        if e.offset < self.prev_end {
+            return Err(std::io::Error::other(format!(
+                "index entry at {} after one ending at {} (out of order)",
+                e.offset, self.prev_end
             )));
         }
-        if &b[0..8] != MAGIC {
-            return Err(corrupt("not a cairn index (bad magic)"));
+        let mut b = [0u8; INDEX_ENTRY_LEN];
+        e.encode_into(&mut b);
+        std::io::Write::write_all(&mut self.out, &b)?;
+        self.prev_end = e.end();
+        self.count += 1;
+        Ok(())
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    /// Patches the count into the header and appends the trailer: the body is read back once to
+    /// hash it (the header, which the hash covers, is only known now). Returns the file and what
+    /// the manifest records; the caller fsyncs.
+    pub fn finish(self) -> std::io::Result<(std::fs::File, IndexSummary)> {
+        use std::os::unix::fs::FileExt;
+        let count = self.count;
+        let file = self.out.into_inner().map_err(|e| e.into_error())?;
+        file.write_all_at(&header(count), 0)?;
+        let body_len = HEADER_LEN as u64 + count * INDEX_ENTRY_LEN as u64;
+        let mut body = blake3::Hasher::new();
+        let mut whole = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < body_len {
+            let n = ((body_len - at) as usize).min(buf.len());
+            file.read_exact_at(&mut buf[..n], at)?;
+            body.update(&buf[..n]);
+            whole.update(&buf[..n]);
+            at += n as u64;
         }
-        let version = le_u32(b, 8);
-        if version != FORMAT_VERSION {
-            return Err(FormatError::UnknownVersion {
-                found: version.into(),
-            });
-        }
-        if crc32fast::hash(&b[0..28]) != le_u32(b, 28) {
-            return Err(corrupt("index header checksum mismatch"));
-        }
-        if le_u32(b, 12) as usize != INDEX_ENTRY_LEN {
-            return Err(corrupt(format!(
-                "index entry size {} is not {INDEX_ENTRY_LEN}",
-                le_u32(b, 12)
-            )));
-        }
-        let n = le_u64(b, 16);
-        let expected = n
-            .checked_mul(INDEX_ENTRY_LEN as u64)
-            .and_then(|x| x.checked_add((HEADER_LEN + TRAILER_LEN) as u64));
-        if expected != Some(b.len() as u64) {
-            return Err(corrupt(format!(
-                "index says {n} entries but is {} bytes long (truncated or damaged)",
-                b.len()
-            )));
-        }
-        let body_end = b.len() - TRAILER_LEN;
-        if blake3::hash(&b[..body_end]).as_bytes() != &b[body_end..] {
-            return Err(corrupt("index checksum mismatch"));
-        }
-        let mut entries = Vec::with_capacity(n as usize);
-        let mut prev_end = 0u64;
-        for i in 0..n as usize {
-            let at = HEADER_LEN + i * INDEX_ENTRY_LEN;
-            let e = Entry::decode(&b[at..at + INDEX_ENTRY_LEN])?;
+        let trailer = *body.finalize().as_bytes();
+        file.write_all_at(&trailer, body_len)?;
+        whole.update(&trailer);
+        Ok((
+            file,
+            IndexSummary {
+                entries: count,
+                size: body_len + TRAILER_LEN as u64,
+                blake3: *whole.finalize().as_bytes(),
+            },
+        ))
+    }
+}
+
+/// Checks an index read front to back in bounded memory: header, length, every entry against
+/// the geometry and its predecessor, the trailer. Calls `each` with every entry in order and
+/// returns the count and the BLAKE3 of the whole input.
+fn check_stream(
+    mut r: impl std::io::Read,
+    len: u64,
+    geo: &Geometry,
+    mut each: impl FnMut(Entry),
+) -> Result<(u64, Hash), FormatError> {
+    let io = |e: std::io::Error| corrupt(format!("index unreadable: {e}"));
+    if len < (HEADER_LEN + TRAILER_LEN) as u64 {
+        return Err(corrupt(format!(
+            "index is {len} bytes, shorter than its header"
+        )));
+    }
+    let mut b = [0u8; HEADER_LEN];
+    r.read_exact(&mut b).map_err(io)?;
+    if &b[0..8] != MAGIC {
+        return Err(corrupt("not a cairn index (bad magic)"));
+    }
+    let version = le_u32(&b, 8);
+    if version != FORMAT_VERSION {
+        return Err(FormatError::UnknownVersion {
+            found: version.into(),
+        });
+    }
+    if crc32fast::hash(&b[0..28]) != le_u32(&b, 28) {
+        return Err(corrupt("index header checksum mismatch"));
+    }
+    if le_u32(&b, 12) as usize != INDEX_ENTRY_LEN {
+        return Err(corrupt(format!(
+            "index entry size {} is not {INDEX_ENTRY_LEN}",
+            le_u32(&b, 12)
+        )));
+    }
+    let n = le_u64(&b, 16);
+    let expected = n
+        .checked_mul(INDEX_ENTRY_LEN as u64)
+        .and_then(|x| x.checked_add((HEADER_LEN + TRAILER_LEN) as u64));
+    if expected != Some(len) {
+        return Err(corrupt(format!(
+            "index says {n} entries but is {len} bytes long (truncated or damaged)"
+        )));
+    }
+    let mut body = blake3::Hasher::new();
+    let mut whole = blake3::Hasher::new();
+    body.update(&b);
+    whole.update(&b);
+    let mut prev_end = 0u64;
+    let mut chunk = vec![0u8; 4096 * INDEX_ENTRY_LEN];
+    let mut i = 0u64;
+    while i < n {
+        let k = (n - i).min(4096) as usize;
+        let bytes = &mut chunk[..k * INDEX_ENTRY_LEN];
+        r.read_exact(bytes).map_err(io)?;
+        body.update(bytes);
+        whole.update(bytes);
+        for (j, eb) in bytes.chunks_exact(INDEX_ENTRY_LEN).enumerate() {
+            let e = Entry::decode(eb)?;
             validate_entry(&e, geo, prev_end)
-                .map_err(|m| corrupt(format!("index entry {i}: {m}")))?;
+                .map_err(|m| corrupt(format!("index entry {}: {m}", i + j as u64)))?;
             prev_end = e.end();
+            each(e);
+        }
+        i += k as u64;
+    }
+    let mut trailer = [0u8; TRAILER_LEN];
+    r.read_exact(&mut trailer).map_err(io)?;
+    if body.finalize().as_bytes() != &trailer {
+        return Err(corrupt("index checksum mismatch"));
+    }
+    whole.update(&trailer);
+    Ok((n, *whole.finalize().as_bytes()))
+}
+
+/// An image's index on disk, checked once when opened and then read entry by entry through a
+/// small cache: its size in memory does not depend on the image's. No descriptor is kept
+/// between reads, so a chain of thousands of images holds none.
+pub struct IndexFile {
+    path: std::path::PathBuf,
+    file_len: u64,
+    count: u64,
+    geo: Geometry,
+    cache: std::sync::Mutex<Vec<(u64, Vec<Entry>)>>,
+}
+
+impl IndexFile {
+    /// Checks the whole index at `path` (see `check_stream`) and returns it with the BLAKE3 of
+    /// the file.
+    pub fn open(path: &std::path::Path, geo: &Geometry) -> Result<(Self, Hash), FormatError> {
+        geo.check()?;
+        let file =
+            std::fs::File::open(path).map_err(|e| corrupt(format!("index unreadable: {e}")))?;
+        let len = file
+            .metadata()
+            .map_err(|e| corrupt(format!("index unreadable: {e}")))?
+            .len();
+        let reader = std::io::BufReader::with_capacity(1 << 20, &file);
+        let (count, hash) = check_stream(reader, len, geo, |_| {})?;
+        Ok((
+            IndexFile {
+                path: path.to_path_buf(),
+                file_len: len,
+                count,
+                geo: *geo,
+                cache: std::sync::Mutex::new(Vec::new()),
+            },
+            hash,
+        ))
+    }
+
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Entry `i` (< len()). It was checked when the index was opened; it is checked against the
+    /// geometry again, since the file is read again and could have changed since.
+    pub fn get(&self, i: u64) -> Result<Entry, FormatError> {
+        if i >= self.count {
+            return Err(corrupt(format!(
+                "index entry {i} asked for; the index has {}",
+                self.count
+            )));
+        }
+        let chunk = i / CHUNK_ENTRIES;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(pos) = cache.iter().position(|(c, _)| *c == chunk) {
+            let e = cache[pos].1[(i % CHUNK_ENTRIES) as usize].clone();
+            if pos != 0 {
+                let hit = cache.remove(pos);
+                cache.insert(0, hit);
+            }
+            return Ok(e);
+        }
+        let first = chunk * CHUNK_ENTRIES;
+        let k = (self.count - first).min(CHUNK_ENTRIES) as usize;
+        let mut bytes = vec![0u8; k * INDEX_ENTRY_LEN];
+        let unreadable = |e: std::io::Error| corrupt(format!("index unreadable: {e}"));
+        let file = std::fs::File::open(&self.path).map_err(unreadable)?;
+        let len = file.metadata().map_err(unreadable)?.len();
+        if len != self.file_len {
+            return Err(corrupt(format!(
+                "index changed size since it was checked ({len} bytes, was {})",
+                self.file_len
+            )));
+        }
+        std::os::unix::fs::FileExt::read_exact_at(
+            &file,
+            &mut bytes,
+            HEADER_LEN as u64 + first * INDEX_ENTRY_LEN as u64,
+        )
+        .map_err(unreadable)?;
+        let mut entries = Vec::with_capacity(k);
+        for (j, eb) in bytes.chunks_exact(INDEX_ENTRY_LEN).enumerate() {
+            let e = Entry::decode(eb)?;
+            validate_entry(&e, &self.geo, 0)
+                .map_err(|m| corrupt(format!("index entry {}: {m}", first + j as u64)))?;
             entries.push(e);
         }
-        Ok(Index { entries })
+        let e = entries[(i % CHUNK_ENTRIES) as usize].clone();
+        cache.insert(0, (chunk, entries));
+        cache.truncate(CACHED_CHUNKS);
+        Ok(e)
     }
 }
 
@@ -348,6 +568,56 @@ mod tests {
         let b = Index { entries: vec![e] }.encode();
         let err = Index::decode(&b, &geo()).unwrap_err();
         assert!(err.to_string().contains("segment header"), "{err}");
+    }
+
+    /// The streaming writer produces exactly the bytes of the in-memory encoder, and the file
+    /// reader gives back every entry, across chunk boundaries of its cache.
+    #[test]
+    fn streamed_index_equals_the_encoded_one_and_reads_back() {
+        let geo = Geometry {
+            source_size: 1 << 30,
+            block_size: 1 << 20,
+            granule: 4 << 10,
+            segments: 2,
+        };
+        let entries: Vec<Entry> = (0..1000u64)
+            .map(|i| entry(i * (1 << 20), 64 << 10, EntryKind::Raw))
+            .collect();
+        let dir = std::env::temp_dir().join(format!("cairn-index-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("index");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let mut w = IndexWriter::new(file).unwrap();
+        for e in &entries {
+            w.push(e).unwrap();
+        }
+        assert!(w.push(&entries[0]).is_err(), "out of order accepted");
+        let (_, summary) = w.finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(
+            bytes,
+            Index {
+                entries: entries.clone()
+            }
+            .encode()
+        );
+        assert_eq!(summary.entries, 1000);
+        assert_eq!(summary.size, bytes.len() as u64);
+        assert_eq!(&summary.blake3, blake3::hash(&bytes).as_bytes());
+        let (idx, hash) = IndexFile::open(&path, &geo).unwrap();
+        assert_eq!(hash, summary.blake3);
+        assert_eq!(idx.len(), 1000);
+        for i in [0u64, 127, 128, 999, 500, 1, 998] {
+            assert_eq!(idx.get(i).unwrap(), entries[i as usize], "entry {i}");
+        }
+        assert!(idx.get(1000).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -10,7 +10,7 @@ pub mod manifest;
 pub mod table;
 
 pub use frame::{FrameHeader, SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN};
-pub use index::{Entry, EntryKind, Index, INDEX_ENTRY_LEN};
+pub use index::{Entry, EntryKind, Index, IndexFile, IndexSummary, IndexWriter, INDEX_ENTRY_LEN};
 pub use manifest::{ImageKind, Manifest, Method, SourceIdentity};
 pub use table::{PartitionRecord, PartitionTableRecord, TableKind};
 
