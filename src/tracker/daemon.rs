@@ -19,7 +19,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -163,6 +163,24 @@ impl Consumer {
             full_broken: Some(why.to_string()),
             since_image: ChangeMap::new(),
             since_full: ChangeMap::new(),
+            pending: None,
+        }
+    }
+
+    /// A consumer as the previous tracker saved it.
+    fn from_saved(sc: SavedConsumer) -> Consumer {
+        Consumer {
+            start: sc.start,
+            len: sc.len,
+            granule: sc.granule.max(1),
+            lineage: sc.lineage,
+            seq: sc.seq,
+            last_image: sc.last_image,
+            last_full: sc.last_full,
+            image_broken: sc.image_broken,
+            full_broken: sc.full_broken,
+            since_image: ChangeMap::from_runs(&sc.since_image),
+            since_full: ChangeMap::from_runs(&sc.since_full),
             pending: None,
         }
     }
@@ -693,88 +711,108 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// Runs the daemon until SIGTERM or SIGINT. A clean stop saves the state and leaves the kernel
 /// instance buffering, so a restart continues without a gap if nothing was lost meanwhile.
 pub fn run(opts: &DaemonOptions) -> Result<()> {
+    check_can_run(opts)?;
+    // Held until the daemon returns: it is what `lock_holder` and `exclude_tracker` see.
+    let _lock = lock_state_dir(&opts.state_dir)?;
+    let devices = opts
+        .devices
+        .iter()
+        .map(|p| probe_device(p))
+        .collect::<Result<Vec<_>>>()?;
+    let state = State::start(opts, devices)?;
+    state.persist(false)?;
+    let (listener, sock_path) = listen(&opts.state_dir)?;
+    install_stop_handlers()?;
+    announce(&state, opts);
+    let state = Arc::new(Mutex::new(state));
+    event_loop(&listener, &state, opts.interval);
+    shut_down(&state, &sock_path)
+}
+
+/// What is refused before anything is touched.
+fn check_can_run(opts: &DaemonOptions) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("the tracker needs root (it reads the kernel's block tracepoints)");
     }
     if opts.devices.is_empty() {
         bail!("name at least one whole disk to track, e.g. `cairn tracker run /dev/sda`");
     }
+    Ok(())
+}
+
+/// Creates the state directory and takes its lock: one tracker per state directory.
+fn lock_state_dir(state_dir: &Path) -> Result<std::fs::File> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(&opts.state_dir)
-        .with_context(|| format!("cannot create state directory {}", opts.state_dir.display()))?;
+        .create(state_dir)
+        .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
     let lock = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
-        .open(opts.state_dir.join(LOCK_FILE))?;
+        .open(state_dir.join(LOCK_FILE))?;
     // SAFETY: flock on an open descriptor; no memory involved.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         bail!(
             "a tracker is already running with state directory {}",
-            opts.state_dir.display()
+            state_dir.display()
         );
     }
+    Ok(lock)
+}
 
-    let mut devices = Vec::new();
-    for p in &opts.devices {
-        let info = DeviceInfo::probe(p).with_context(|| format!("cannot track {}", p.display()))?;
-        if info.kind != crate::device::Kind::Disk {
-            bail!("{} is not a whole disk: track the disk that holds it (partitions are followed through it)", p.display());
-        }
-        let disk = info.devno.expect("block device");
-        let kernel_name = info
-            .kernel_name
-            .clone()
-            .ok_or_else(|| anyhow!("cannot track {}: no entry in /sys/block", p.display()))?;
-        let paths = super::trackable::classify(Path::new(SYS_BLOCK), &kernel_name)
-            .map_err(|why| anyhow!("cannot track {}: {why}", p.display()))?;
-        let mut kdevs = vec![tracefs::kernel_dev(disk.0, disk.1)];
-        for path in &paths {
-            let (major, minor) = sysfs_devno(path)?;
-            kdevs.push(tracefs::kernel_dev(major, minor));
-        }
-        devices.push(Device {
-            path: p.clone(),
-            disk,
-            kdevs,
-            kernel_name,
-            paths,
-            size: info.size,
-            identity: identity_of(&info),
-            since: now_rfc3339(),
-            consumers: BTreeMap::new(),
-        });
+/// A whole disk to track, with every kernel device number its writes can arrive under; refused
+/// when its writes could reach the disk unseen.
+fn probe_device(p: &Path) -> Result<Device> {
+    let info = DeviceInfo::probe(p).with_context(|| format!("cannot track {}", p.display()))?;
+    if info.kind != crate::device::Kind::Disk {
+        bail!("{} is not a whole disk: track the disk that holds it (partitions are followed through it)", p.display());
     }
-    let root = tracefs::ensure_mounted()?;
-    let kdevs: Vec<u32> = devices.iter().flat_map(|d| d.kdevs.clone()).collect();
-    let filter = tracefs::filter_for(&kdevs);
-    let boot = boot_id();
-    let saved: Option<SavedState> = std::fs::read(opts.state_dir.join(STATE_FILE))
+    let disk = info.devno.expect("block device");
+    let kernel_name = info
+        .kernel_name
+        .clone()
+        .ok_or_else(|| anyhow!("cannot track {}: no entry in /sys/block", p.display()))?;
+    let paths = super::trackable::classify(Path::new(SYS_BLOCK), &kernel_name)
+        .map_err(|why| anyhow!("cannot track {}: {why}", p.display()))?;
+    let mut kdevs = vec![tracefs::kernel_dev(disk.0, disk.1)];
+    for path in &paths {
+        let (major, minor) = sysfs_devno(path)?;
+        kdevs.push(tracefs::kernel_dev(major, minor));
+    }
+    Ok(Device {
+        path: p.to_path_buf(),
+        disk,
+        kdevs,
+        kernel_name,
+        paths,
+        size: info.size,
+        identity: identity_of(&info),
+        since: now_rfc3339(),
+        consumers: BTreeMap::new(),
+    })
+}
+
+/// The previous tracker's saved state, if it is readable and of this version.
+fn load_saved(state_dir: &Path) -> Option<SavedState> {
+    std::fs::read(state_dir.join(STATE_FILE))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
-        .filter(|s: &SavedState| s.version == STATE_VERSION);
-    // Reuse the kernel instance only when the previous daemon stopped cleanly in this boot with
-    // the same configuration: then every write since is still in the buffer.
-    let resumable = saved.as_ref().map(|s| {
-        s.clean_shutdown
-            && s.boot_id == boot
-            && s.instance_filter == filter
-            && s.buffer_kb == opts.buffer_kb
-    });
-    let (instance, reused) = Instance::open(
-        &root,
-        &instance_name(&opts.state_dir),
-        &kdevs,
-        opts.buffer_kb,
-        saved
-            .as_ref()
-            .filter(|_| resumable == Some(true))
-            .map(|s| s.buffer_readback.as_str()),
-    )?;
-    let gap: Option<String> = match (&saved, resumable, reused) {
+        .filter(|s: &SavedState| s.version == STATE_VERSION)
+}
+
+/// Why the writes since the previous tracker's save may not all be in the kernel instance
+/// opened now (`reused`: it was resumed), or None when the interval is complete.
+fn continuity_gap(
+    saved: Option<&SavedState>,
+    boot: &str,
+    resumable: Option<bool>,
+    reused: bool,
+    instance: &Instance,
+) -> Result<Option<String>> {
+    Ok(match (saved, resumable, reused) {
         (None, _, _) => None,
         (Some(s), _, _) if s.boot_id != boot => Some("the machine rebooted".into()),
         (Some(s), _, _) if !s.clean_shutdown => Some(format!(
@@ -792,60 +830,109 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
             (now != s.losses_baseline)
                 .then(|| "events were lost while the tracker was stopped".to_string())
         }
-    };
-    let losses_baseline = instance.losses()?;
-    if let Some(s) = saved {
-        for sd in s.devices {
-            if let Some(d) = devices
-                .iter_mut()
-                .find(|d| d.disk == sd.disk && d.identity == sd.identity && d.size == sd.size)
-            {
-                d.since = sd.since;
-                for sc in sd.consumers {
-                    let mut c = Consumer {
-                        start: sc.start,
-                        len: sc.len,
-                        granule: sc.granule.max(1),
-                        lineage: sc.lineage,
-                        seq: sc.seq,
-                        last_image: sc.last_image,
-                        last_full: sc.last_full,
-                        image_broken: sc.image_broken,
-                        full_broken: sc.full_broken,
-                        since_image: ChangeMap::from_runs(&sc.since_image),
-                        since_full: ChangeMap::from_runs(&sc.since_full),
-                        pending: None,
-                    };
-                    if let Some(why) = &gap {
-                        c.break_all(&format!("{why} (detected at {})", now_rfc3339()));
-                    }
-                    d.consumers.insert(sc.key, c);
+    })
+}
+
+/// Gives the saved consumers back to the devices that are still the same disk; with a `gap`,
+/// each one is broken, as its sets may miss writes.
+fn take_over_consumers(devices: &mut [Device], saved: SavedState, gap: Option<&str>) {
+    for sd in saved.devices {
+        if let Some(d) = devices
+            .iter_mut()
+            .find(|d| d.disk == sd.disk && d.identity == sd.identity && d.size == sd.size)
+        {
+            d.since = sd.since;
+            for sc in sd.consumers {
+                let key = sc.key.clone();
+                let mut c = Consumer::from_saved(sc);
+                if let Some(why) = gap {
+                    c.break_all(&format!("{why} (detected at {})", now_rfc3339()));
                 }
+                d.consumers.insert(key, c);
             }
         }
     }
-    if let Some(why) = &gap {
-        tracing::warn!("{why}: the next backup of each tracked source will compare-scan");
-    }
-    let state = Arc::new(Mutex::new(State {
-        dir: opts.state_dir.clone(),
-        boot_id: boot,
-        instance,
-        devices,
-        losses_baseline,
-        loss_gen: 0,
-        events: Vec::new(),
-        stopped_for_good: false,
-    }));
-    state.lock().expect("not poisoned").persist(false)?;
+}
 
-    let sock_path = opts.state_dir.join(SOCKET);
+impl State {
+    /// Opens the kernel instance for `devices` and takes over what the previous tracker saved.
+    fn start(opts: &DaemonOptions, mut devices: Vec<Device>) -> Result<State> {
+        let root = tracefs::ensure_mounted()?;
+        let kdevs: Vec<u32> = devices.iter().flat_map(|d| d.kdevs.clone()).collect();
+        let filter = tracefs::filter_for(&kdevs);
+        let boot = boot_id();
+        let saved = load_saved(&opts.state_dir);
+        // Reuse the kernel instance only when the previous daemon stopped cleanly in this boot
+        // with the same configuration: then every write since is still in the buffer.
+        let resumable = saved.as_ref().map(|s| {
+            s.clean_shutdown
+                && s.boot_id == boot
+                && s.instance_filter == filter
+                && s.buffer_kb == opts.buffer_kb
+        });
+        let (instance, reused) = Instance::open(
+            &root,
+            &instance_name(&opts.state_dir),
+            &kdevs,
+            opts.buffer_kb,
+            saved
+                .as_ref()
+                .filter(|_| resumable == Some(true))
+                .map(|s| s.buffer_readback.as_str()),
+        )?;
+        let gap = continuity_gap(saved.as_ref(), &boot, resumable, reused, &instance)?;
+        let losses_baseline = instance.losses()?;
+        if let Some(s) = saved {
+            take_over_consumers(&mut devices, s, gap.as_deref());
+        }
+        if let Some(why) = &gap {
+            tracing::warn!("{why}: the next backup of each tracked source will compare-scan");
+        }
+        Ok(State {
+            dir: opts.state_dir.clone(),
+            boot_id: boot,
+            instance,
+            devices,
+            losses_baseline,
+            loss_gen: 0,
+            events: Vec::new(),
+            stopped_for_good: false,
+        })
+    }
+
+    /// One turn of the main loop: apply the events logged since the last; check the
+    /// environment every second and save the state every ten.
+    fn tick(&mut self, timers: &mut Timers) {
+        if self.stopped_for_good {
+            return;
+        }
+        self.apply_events(FaultSite::Loop);
+        if timers.last_check.elapsed() >= Duration::from_secs(1) {
+            self.check_environment();
+            timers.last_check = Instant::now();
+        }
+        if timers.last_persist.elapsed() >= Duration::from_secs(10) {
+            if let Err(e) = self.persist(false) {
+                tracing::warn!("saving tracker state: {e:#}");
+            }
+            timers.last_persist = Instant::now();
+        }
+    }
+}
+
+/// The socket backups talk to, owner-only; non-blocking, so the main loop polls it.
+fn listen(state_dir: &Path) -> Result<(UnixListener, PathBuf)> {
+    let sock_path = state_dir.join(SOCKET);
     let _ = std::fs::remove_file(&sock_path);
     let listener = UnixListener::bind(&sock_path)
         .with_context(|| format!("cannot listen on {}", sock_path.display()))?;
     std::fs::set_permissions(&sock_path, std::fs::Permissions::from_mode(0o600))?;
     listener.set_nonblocking(true)?;
+    Ok((listener, sock_path))
+}
 
+/// SIGTERM and SIGINT end the main loop (through STOP), not the process: the state is saved.
+fn install_stop_handlers() -> Result<()> {
     STOP.store(false, Ordering::SeqCst);
     let handler = nix::sys::signal::SigHandler::Handler(on_signal);
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
@@ -853,68 +940,75 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
         nix::sys::signal::signal(nix::sys::signal::Signal::SIGTERM, handler)?;
         nix::sys::signal::signal(nix::sys::signal::Signal::SIGINT, handler)?;
     }
-    {
-        let st = state.lock().expect("not poisoned");
-        let names: Vec<String> = st
-            .devices
-            .iter()
-            .map(|d| d.path.display().to_string())
-            .collect();
-        tracing::info!(
-            "tracking {} (instance {}, {} CPUs, {} KiB per CPU); state in {}",
-            names.join(", "),
-            st.instance.path.display(),
-            st.instance.cpus(),
-            opts.buffer_kb,
-            opts.state_dir.display()
-        );
-    }
+    Ok(())
+}
+
+fn announce(st: &State, opts: &DaemonOptions) {
+    let names: Vec<String> = st
+        .devices
+        .iter()
+        .map(|d| d.path.display().to_string())
+        .collect();
+    tracing::info!(
+        "tracking {} (instance {}, {} CPUs, {} KiB per CPU); state in {}",
+        names.join(", "),
+        st.instance.path.display(),
+        st.instance.cpus(),
+        opts.buffer_kb,
+        opts.state_dir.display()
+    );
     eprintln!(
         "cairn tracker: running (pid {}); stop with SIGTERM",
         std::process::id()
     );
+}
 
-    let next_conn = Arc::new(AtomicU64::new(1));
-    let mut last_check = Instant::now();
-    let mut last_persist = Instant::now();
+/// When the main loop last checked the environment and saved the state.
+struct Timers {
+    last_check: Instant,
+    last_persist: Instant,
+}
+
+/// Until STOP (a signal, or `tracker stop` answered): each client is served on its own thread;
+/// between polls, the main thread drains the kernel's buffers.
+fn event_loop(listener: &UnixListener, state: &Arc<Mutex<State>>, interval: Duration) {
+    let mut next_conn = 1;
+    let mut timers = Timers {
+        last_check: Instant::now(),
+        last_persist: Instant::now(),
+    };
     while !STOP.load(Ordering::SeqCst) {
-        loop {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    let st = Arc::clone(&state);
-                    let conn = next_conn.fetch_add(1, Ordering::SeqCst);
-                    std::thread::spawn(move || serve(stream, conn, st));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    tracing::warn!("accept: {e}");
-                    break;
-                }
-            }
-        }
-        {
-            let mut st = state.lock().expect("not poisoned");
-            if st.stopped_for_good {
-                drop(st);
-                std::thread::sleep(opts.interval);
-                continue;
-            }
-            st.apply_events(FaultSite::Loop);
-            if last_check.elapsed() >= Duration::from_secs(1) {
-                st.check_environment();
-                last_check = Instant::now();
-            }
-            if last_persist.elapsed() >= Duration::from_secs(10) {
-                if let Err(e) = st.persist(false) {
-                    tracing::warn!("saving tracker state: {e:#}");
-                }
-                last_persist = Instant::now();
-            }
-        }
-        std::thread::sleep(opts.interval);
+        accept_clients(listener, state, &mut next_conn);
+        state.lock().expect("not poisoned").tick(&mut timers);
+        std::thread::sleep(interval);
     }
+}
+
+/// Every connection waiting now, each on a thread of its own with a new connection number.
+fn accept_clients(listener: &UnixListener, state: &Arc<Mutex<State>>, next_conn: &mut u64) {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let st = Arc::clone(state);
+                let conn = *next_conn;
+                *next_conn += 1;
+                std::thread::spawn(move || serve(stream, conn, st));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => {
+                tracing::warn!("accept: {e}");
+                break;
+            }
+        }
+    }
+}
+
+/// With the state locked, the socket goes (no new client finds it). After `tracker stop` the
+/// instance is already gone; otherwise the last events are applied and the state saved as a
+/// clean stop, which a restart resumes.
+fn shut_down(state: &Mutex<State>, sock_path: &Path) -> Result<()> {
     let mut st = state.lock().expect("not poisoned");
-    let _ = std::fs::remove_file(&sock_path);
+    let _ = std::fs::remove_file(sock_path);
     if st.stopped_for_good {
         eprintln!("cairn tracker: stopped for good; its kernel instance is removed");
         return Ok(());

@@ -1,0 +1,246 @@
+//! The command line's grammar: every subcommand, option and `--help` text, and the parsers of
+//! sizes; `main` (mod.rs) turns a parsed command into a library call.
+
+use crate::backup;
+use clap::{ArgAction, Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "cairn",
+    version,
+    about = "Sector-level disk imager: full images of disks and partitions, verified restores",
+    long_about = "cairn images whole disks and partitions block by block into a repository directory of \
+compressed, checksummed images, and restores them byte for byte onto the same or a replacement drive.\n\n\
+Examples:\n  cairn backup /dev/sda /mnt/usb/backups          image a whole disk\n  \
+cairn list /mnt/usb/backups                     show the images\n  \
+cairn verify /mnt/usb/backups                   check every stored block\n  \
+cairn restore /mnt/usb/backups /dev/sdb         write the newest image onto /dev/sdb\n\n\
+The first backup of a disk is full; later ones are incremental (--differential: since the full).\n\
+Run `cairn tracker run /dev/sda` (at boot: tools/cairn-tracker.service) so they read only what\n\
+changed; without it they compare-scan (read everything, store what differs).",
+    after_help = "Exit status: 0 success, 1 error (one line on stderr says what and what to do), 2 usage error, \
+3 backup complete but some source sectors were unreadable (a full image holds zeros there, an incremental \
+or differential its parent's data; `cairn badmap` lists them)."
+)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug).
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub(super) verbose: u8,
+    /// Only errors; no progress bar.
+    #[arg(short, long, global = true)]
+    pub(super) quiet: bool,
+    /// Print one JSON document on stdout instead of the human summary.
+    #[arg(long, global = true)]
+    pub(super) json: bool,
+    /// The change tracker's state directory (socket and saved state) [env: CAIRN_STATE_DIR;
+    /// default: /var/lib/cairn].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub(super) state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub(super) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(super) enum Command {
+    /// Image a block device (whole disk or partition) or a disk-image file into REPO.
+    Backup(BackupArgs),
+    /// The change tracker: `run` follows writes to whole disks, `status` reports on it.
+    #[command(subcommand)]
+    Tracker(TrackerCommand),
+    /// Write an image back onto a block device or file.
+    Restore(RestoreArgs),
+    /// Read every stored block and check it; exit 0 only when everything checked is intact.
+    Verify(SelectArgs),
+    /// One row per image in REPO.
+    List(ListArgs),
+    /// An image's unreadable ranges, in ddrescue's mapfile format.
+    Badmap(SelectArgs),
+    /// Everything one image's manifest records: source, sizes, partition table.
+    Show(ShowArgs),
+    /// The block devices of this machine, as you check them before overwriting one.
+    Disks,
+}
+
+#[derive(Args)]
+pub(super) struct ShowArgs {
+    /// Repository directory.
+    pub(super) repo: PathBuf,
+    #[command(flatten)]
+    pub(super) select: Selection,
+}
+
+#[derive(Args)]
+pub(super) struct BackupArgs {
+    /// Block device (/dev/sda, /dev/nvme0n1p2, /dev/disk/by-id/...) or regular file.
+    pub(super) source: PathBuf,
+    /// Repository directory; created if absent.
+    pub(super) repo: PathBuf,
+    /// Take a full image (the default for a name's first image).
+    #[arg(long, group = "kind")]
+    pub(super) full: bool,
+    /// Only what changed since the previous image of any kind (the default once a full exists).
+    /// Restoring it needs the full and every image between.
+    #[arg(long, group = "kind")]
+    pub(super) incremental: bool,
+    /// Only what changed since the last full image. Restoring it needs only that full.
+    #[arg(long, group = "kind")]
+    pub(super) differential: bool,
+    /// Series name for this source's images [default: from the disk's WWN/serial, the partition's
+    /// PARTUUID, or the file's path].
+    #[arg(long)]
+    pub(super) name: Option<String>,
+    /// zstd level: 1 is fastest (the device stays the bottleneck), up to 19 for smaller images.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i32).range(-7..=19))]
+    pub(super) level: i32,
+    /// Split image data into files of at most this size (2G fits FAT32 media).
+    #[arg(long, default_value = "2G", value_parser = parse_size)]
+    pub(super) segment_size: u64,
+    /// Give up (exit 1, no image kept) when more than this much of the source is unreadable: a
+    /// size (64M), a share of the source (0.5%), or `none` to image a failing disk as far as it
+    /// can be read [default: 1% of the source, at least 64M: a disk with scattered bad sectors,
+    /// the usual case, finishes; one with a failed head or a large damaged area stops before
+    /// retries wear it out further: copy it with GNU ddrescue, which reads the good areas first].
+    #[arg(long, value_parser = parse_max_bad, value_name = "SIZE|PERCENT%|none")]
+    pub(super) max_bad: Option<backup::MaxBad>,
+    /// Block size: the unit read, hashed and compressed (power of two, 64K..16M).
+    #[arg(long, default_value = "1M", value_parser = parse_size)]
+    pub(super) block_size: u64,
+}
+
+#[derive(Args)]
+pub(super) struct RestoreArgs {
+    /// Repository directory.
+    pub(super) repo: PathBuf,
+    /// Block device to overwrite, or a file (created sparse if absent).
+    pub(super) target: PathBuf,
+    #[command(flatten)]
+    pub(super) select: Selection,
+    /// Do not ask for confirmation before overwriting (for scripts).
+    #[arg(long, short = 'y')]
+    pub(super) yes: bool,
+    /// Restore only partition N of a whole-disk image, onto a partition or device of sufficient size.
+    #[arg(long, value_name = "N")]
+    pub(super) partition: Option<u32>,
+    /// On a larger drive, also extend the last partition to the end (grow its filesystem afterwards).
+    #[arg(long)]
+    pub(super) grow_last_partition: bool,
+    /// Read the target back (O_DIRECT) after writing and compare it with the image's hashes.
+    #[arg(long)]
+    pub(super) verify: bool,
+}
+
+#[derive(Args)]
+pub(super) struct Selection {
+    /// Series name [default: the only one in the repository].
+    #[arg(long)]
+    pub(super) name: Option<String>,
+    /// Image id from `cairn list` [default: the newest of the name].
+    #[arg(long)]
+    pub(super) image: Option<String>,
+}
+
+#[derive(Args)]
+pub(super) struct SelectArgs {
+    /// Repository directory.
+    pub(super) repo: PathBuf,
+    #[command(flatten)]
+    pub(super) select: Selection,
+}
+
+#[derive(Subcommand)]
+pub(super) enum TrackerCommand {
+    /// Follow writes to these whole disks until SIGTERM (run it at boot: tools/cairn-tracker.service).
+    /// Partitions are followed through their disk. Needs root and tracefs.
+    Run {
+        /// Whole disks, e.g. /dev/sda /dev/nvme0n1.
+        #[arg(required = true)]
+        devices: Vec<PathBuf>,
+        /// Kernel ring buffer per CPU, in KiB. Larger survives longer write bursts; when it
+        /// overflows, the next backup compare-scans.
+        #[arg(long, default_value_t = 8192)]
+        buffer_kb: u64,
+        /// How often the buffers are read, in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+    },
+    /// Forget all tracking for the state directory: saved state and the kernel instance (which
+    /// keeps buffering after a clean stop). The next backups compare-scan.
+    Reset {
+        /// Instead, remove every orphaned cairn-* kernel instance (see `tracker status`): ones
+        /// no tracker reads and no restart would resume. Nothing else is touched.
+        #[arg(long)]
+        orphans: bool,
+    },
+    /// Stop the tracker for good: it removes its kernel instance and exits (a SIGTERM stop keeps
+    /// the instance buffering for a restart). With no tracker running, removes the instance its
+    /// clean stop kept. The next backups compare-scan.
+    Stop,
+    /// Per device: tracking since when, continuity, changed bytes since the last full and image;
+    /// and every cairn-* kernel instance, in use, kept for a restart, or orphaned.
+    Status {
+        /// Only this device.
+        device: Option<PathBuf>,
+    },
+}
+
+#[derive(Args)]
+pub(super) struct ListArgs {
+    /// Repository directory.
+    pub(super) repo: PathBuf,
+}
+
+/// Parses sizes like 4096, 64K, 1M, 2G, 1T (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        None => (s, 1u64),
+        Some((i, _)) => {
+            let unit = s[i..]
+                .trim_end_matches(['B', 'b', 'i'])
+                .to_ascii_uppercase();
+            let mult = match unit.as_str() {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown size unit in {s:?} (use K, M, G or T)")),
+            };
+            (&s[..i], mult)
+        }
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// `--max-bad`: a size, a percentage of the source, or `none`.
+fn parse_max_bad(s: &str) -> Result<backup::MaxBad, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(backup::MaxBad::Unlimited);
+    }
+    if let Some(p) = s.strip_suffix('%') {
+        return match p.trim().parse::<f64>() {
+            Ok(v) if (0.0..=100.0).contains(&v) => Ok(backup::MaxBad::Percent(v)),
+            _ => Err(format!("{s:?}: a percentage from 0% to 100%")),
+        };
+    }
+    parse_size(s).map(backup::MaxBad::Bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(65536));
+        assert_eq!(parse_size("1M"), Ok(1 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}
