@@ -32,24 +32,34 @@ fn parse(s: &str) -> Result<u64> {
 }
 
 /// One image: `entries` are (offset, length, optional stored plaintext), ascending.
+/// `sequence`: the image's place, or None to take the next one as a backup does (which reads
+/// every manifest: writing thousands of images that way would be quadratic).
+#[allow(clippy::too_many_arguments)]
 fn write_image(
     repo: &Repository,
+    sequence: Option<u64>,
+    created_unix: u64,
     name: &str,
     size: u64,
     block_size: u32,
     entries: impl Iterator<Item = (u64, u32, Option<Vec<u8>>)>,
 ) -> Result<String> {
     let lock = repo.lock()?;
-    let catalogue = repo.catalogue()?;
-    let created_unix = 1_700_000_000;
     let id = repo.new_image_id(created_unix, &lock);
     let mut writer = repo.begin_image(&id, 2 << 30, &lock)?;
     let mut stats = Stats::default();
+    let mut zero_hash = (0u32, [0u8; 32]);
     for (offset, length, data) in entries {
         stats.blocks_total += 1;
         let entry = match data {
             None => {
                 stats.blocks_zero += 1;
+                if zero_hash.0 != length {
+                    zero_hash = (
+                        length,
+                        *blake3::hash(&vec![0u8; length as usize]).as_bytes(),
+                    );
+                }
                 Entry {
                     offset,
                     length,
@@ -58,7 +68,7 @@ fn write_image(
                     stored_length: 0,
                     segment_offset: 0,
                     crc: 0,
-                    hash: *blake3::hash(&vec![0u8; length as usize]).as_bytes(),
+                    hash: zero_hash.1,
                 }
             }
             Some(plain) => {
@@ -100,7 +110,10 @@ fn write_image(
         parent: None,
         base_full: None,
         created_unix,
-        created: "2023-11-14T22:13:20Z".into(),
+        created: humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(created_unix),
+        )
+        .to_string(),
         tool_version: "synth_image".into(),
         method: Method::Full,
         source: SourceIdentity {
@@ -126,7 +139,10 @@ fn write_image(
         bad_ranges_file: None,
         tracking: None,
         partition_table: None,
-        sequence: Some(repo.reserve_sequence(&catalogue, &lock)?),
+        sequence: Some(match sequence {
+            Some(s) => s,
+            None => repo.reserve_sequence(&repo.catalogue()?, &lock)?,
+        }),
     };
     manifest.validate().context("synthetic manifest")?;
     writer.commit(&manifest.encode().0)?;
@@ -141,7 +157,7 @@ fn huge(root: &Path, size: u64) -> Result<()> {
         let offset = b * u64::from(bs);
         (offset, (size - offset).min(u64::from(bs)) as u32, None)
     });
-    let id = write_image(&repo, "huge", size, bs, entries)?;
+    let id = write_image(&repo, None, 1_700_000_000, "huge", size, bs, entries)?;
     println!("{id} {blocks}");
     Ok(())
 }
@@ -154,8 +170,19 @@ fn many(root: &Path, count: u64) -> Result<()> {
             .map(|j| (j as u64 ^ i).wrapping_mul(31) as u8 | 1)
             .collect();
         let entries = std::iter::once((0u64, size as u32, Some(plain)));
-        write_image(&repo, "many", size, 64 << 10, entries)?;
+        write_image(
+            &repo,
+            Some(i + 1),
+            1_700_000_000 + i,
+            "many",
+            size,
+            64 << 10,
+            entries,
+        )?;
     }
+    // The counter file, as the last backup would have left it.
+    let lock = repo.lock()?;
+    repo.reserve_sequence(&repo.catalogue()?, &lock)?;
     println!("{count}");
     Ok(())
 }
