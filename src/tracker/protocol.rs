@@ -165,3 +165,29 @@ pub struct ConsumerStatus {
     pub last_image_seq: Option<u64>,
     pub last_full_seq: Option<u64>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_read_one_by_one_and_an_overlong_one_is_refused() {
+        let mut input = b"{\"op\":\"status\"}\nsecond".to_vec();
+        let mut r = std::io::BufReader::with_capacity(7, &input[..]);
+        let mut line = String::new();
+        assert!(read_message(&mut r, &mut line).unwrap());
+        assert_eq!(line, "{\"op\":\"status\"}\n");
+        assert!(read_message(&mut r, &mut line).unwrap());
+        assert_eq!(line, "second");
+        assert!(!read_message(&mut r, &mut line).unwrap());
+
+        input = vec![b'x'; MAX_MESSAGE + 1];
+        input.push(b'\n');
+        let exact = read_message(&mut &input[..], &mut line).unwrap_err();
+        assert_eq!(exact.kind(), std::io::ErrorKind::InvalidData);
+        let mut fits = vec![b'x'; MAX_MESSAGE - 1];
+        fits.push(b'\n');
+        assert!(read_message(&mut &fits[..], &mut line).unwrap());
+        assert_eq!(line.len(), MAX_MESSAGE);
+    }
+}
