@@ -1,15 +1,25 @@
 //! A set of changed granules over a device range, stored as a two-level bitmap: 32768-granule chunks
 //! (128 MiB of disk at 4 KiB granules, 4 KiB of memory each) allocated only once a write lands in
 //! them, so memory follows what changed, not the device size.
+//!
+//! Chunks are shared copy-on-write (`Arc`): cloning a map is a copy of its chunk pointers, so the
+//! daemon snapshots its maps under the lock in microseconds and encodes them after releasing it;
+//! the first write to a shared chunk afterwards copies just that chunk.
 
+use anyhow::{bail, Result};
 use bitvec::prelude::*;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-const CHUNK_BITS: u64 = 32768;
+pub const CHUNK_BITS: u64 = 32768;
+/// A chunk's bitmap as 64-bit words (least significant bit first).
+pub const CHUNK_WORDS: usize = (CHUNK_BITS / 64) as usize;
+
+type Chunk = BitVec<u64, Lsb0>;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ChangeMap {
-    chunks: BTreeMap<u64, BitVec<u64, Lsb0>>,
+    chunks: BTreeMap<u64, Arc<Chunk>>,
 }
 
 impl ChangeMap {
@@ -32,8 +42,8 @@ impl ChangeMap {
             let bits = self
                 .chunks
                 .entry(chunk)
-                .or_insert_with(|| bitvec![u64, Lsb0; 0; CHUNK_BITS as usize]);
-            bits[lo..hi].fill(true);
+                .or_insert_with(|| Arc::new(bitvec![u64, Lsb0; 0; CHUNK_BITS as usize]));
+            Arc::make_mut(bits)[lo..hi].fill(true);
             g = chunk * CHUNK_BITS + hi as u64;
         }
     }
@@ -52,26 +62,36 @@ impl ChangeMap {
     pub fn union_with(&mut self, other: &ChangeMap) {
         for (k, v) in &other.chunks {
             match self.chunks.get_mut(k) {
-                Some(mine) => *mine |= v.as_bitslice(),
+                Some(mine) if Arc::ptr_eq(mine, v) => {}
+                Some(mine) => *Arc::make_mut(mine) |= v.as_bitslice(),
                 None => {
-                    self.chunks.insert(*k, v.clone());
+                    self.chunks.insert(*k, Arc::clone(v));
                 }
             }
         }
     }
 
-    /// Maximal runs of marked granules, ascending, as (first, count).
-    pub fn runs(&self) -> Vec<(u64, u64)> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
+    /// Calls `f` with each maximal run of marked granules, ascending, as (first, count), without
+    /// building the list: a map of millions of scattered granules is streamed, not copied.
+    pub fn try_for_each_run<E>(
+        &self,
+        mut f: impl FnMut(u64, u64) -> std::result::Result<(), E>,
+    ) -> std::result::Result<(), E> {
+        // A run may continue into the next chunk, so each is held back until it cannot grow.
+        let mut open: Option<(u64, u64)> = None;
         for (k, bits) in &self.chunks {
             let base = k * CHUNK_BITS;
             let mut i = 0usize;
             while let Some(start) = bits[i..].first_one().map(|o| o + i) {
                 let len = bits[start..].first_zero().unwrap_or(bits.len() - start);
                 let first = base + start as u64;
-                match out.last_mut() {
-                    Some((f, c)) if *f + *c == first => *c += len as u64,
-                    _ => out.push((first, len as u64)),
+                match &mut open {
+                    Some((f0, c)) if *f0 + *c == first => *c += len as u64,
+                    _ => {
+                        if let Some((f0, c)) = open.replace((first, len as u64)) {
+                            f(f0, c)?;
+                        }
+                    }
                 }
                 i = start + len;
                 if i >= bits.len() {
@@ -79,6 +99,19 @@ impl ChangeMap {
                 }
             }
         }
+        match open {
+            Some((f0, c)) => f(f0, c),
+            None => Ok(()),
+        }
+    }
+
+    /// Maximal runs of marked granules, ascending, as (first, count).
+    pub fn runs(&self) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let _ = self.try_for_each_run(|f, c| {
+            out.push((f, c));
+            Ok::<(), ()>(())
+        });
         out
     }
 
@@ -88,6 +121,23 @@ impl ChangeMap {
             m.mark(f, c);
         }
         m
+    }
+
+    /// The allocated chunks with any bit set, ascending by index, as raw words.
+    pub fn chunks(&self) -> impl Iterator<Item = (u64, &[u64])> {
+        self.chunks
+            .iter()
+            .filter(|(_, b)| b.any())
+            .map(|(k, b)| (*k, b.as_raw_slice()))
+    }
+
+    /// Sets chunk `index` to `words` (CHUNK_WORDS of them), for the state decoder.
+    pub fn insert_chunk(&mut self, index: u64, words: Vec<u64>) -> Result<()> {
+        if words.len() != CHUNK_WORDS {
+            bail!("a chunk holds {CHUNK_WORDS} words, not {}", words.len());
+        }
+        self.chunks.insert(index, Arc::new(BitVec::from_vec(words)));
+        Ok(())
     }
 }
 
@@ -114,5 +164,18 @@ mod tests {
     fn runs_round_trip() {
         let runs = vec![(0, 1), (100, 70000), (CHUNK_BITS * 5, CHUNK_BITS)];
         assert_eq!(ChangeMap::from_runs(&runs).runs(), runs);
+    }
+
+    #[test]
+    fn a_snapshot_keeps_its_contents_while_the_original_changes() {
+        let mut m = ChangeMap::from_runs(&[(3, 2)]);
+        let snapshot = m.clone();
+        m.mark(10, 1);
+        m.mark(CHUNK_BITS * 2, 1);
+        assert_eq!(snapshot.runs(), vec![(3, 2)]);
+        assert_eq!(m.runs(), vec![(3, 2), (10, 1), (CHUNK_BITS * 2, 1)]);
+        let mut u = snapshot.clone();
+        u.union_with(&m);
+        assert_eq!(u.runs(), m.runs());
     }
 }

@@ -8,13 +8,13 @@
 //! its next backup compare-scans. Supersets are always safe; a missing mark never is.
 
 use super::changemap::ChangeMap;
-use super::protocol::{ConsumerStatus, CutKind, DeviceStatus, Reply, Request, Token};
+use super::protocol::{self, ConsumerStatus, CutKind, DeviceStatus, Reply, Request, Token};
+use super::statefile::{self, SavedConsumer, SavedDevice, SavedState};
 use super::tracefs::{self, BlockEvent, Instance};
 use crate::device::DeviceInfo;
 use anyhow::{anyhow, bail, Context, Result};
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -39,7 +39,6 @@ fn sysfs_devno(name: &str) -> Result<(u32, u32)> {
     ))
 }
 
-pub const STATE_FILE: &str = "tracker-state.json";
 pub const SOCKET: &str = "tracker.sock";
 const LOCK_FILE: &str = "tracker.lock";
 /// One kernel instance per state directory, so independent trackers (tests, several
@@ -56,13 +55,9 @@ pub fn lock_holder(state_dir: &Path) -> Option<u32> {
 
 /// Whether a tracker started on `state_dir` now would resume its kernel instance, and why not.
 pub fn resumable(state_dir: &Path) -> std::result::Result<(), String> {
-    let p = state_dir.join(STATE_FILE);
-    let bytes = std::fs::read(&p).map_err(|e| format!("no saved state ({e})"))?;
-    let s: SavedState = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("its saved state is unreadable ({e})"))?;
-    if s.version != STATE_VERSION {
-        return Err(format!("its saved state has version {}", s.version));
-    }
+    let s = statefile::load(state_dir)
+        .map_err(|e| format!("its saved state is unreadable ({e:#})"))?
+        .ok_or_else(|| "no saved state".to_string())?;
     if s.boot_id != boot_id() {
         return Err("its saved state is from another boot".into());
     }
@@ -74,7 +69,6 @@ pub fn resumable(state_dir: &Path) -> std::result::Result<(), String> {
     }
     Ok(())
 }
-const STATE_VERSION: u32 = 1;
 
 pub struct DaemonOptions {
     pub devices: Vec<PathBuf>,
@@ -83,46 +77,6 @@ pub struct DaemonOptions {
     pub buffer_kb: u64,
     /// How often the buffers are drained.
     pub interval: Duration,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct SavedState {
-    version: u32,
-    boot_id: String,
-    clean_shutdown: bool,
-    pid: u32,
-    instance_filter: String,
-    buffer_kb: u64,
-    #[serde(default)]
-    buffer_readback: String,
-    losses_baseline: u64,
-    devices: Vec<SavedDevice>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct SavedDevice {
-    path: String,
-    disk: (u32, u32),
-    size: u64,
-    identity: String,
-    since: String,
-    consumers: Vec<SavedConsumer>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct SavedConsumer {
-    key: String,
-    start: u64,
-    len: u64,
-    granule: u64,
-    lineage: String,
-    seq: u64,
-    last_image: Option<u64>,
-    last_full: Option<u64>,
-    image_broken: Option<String>,
-    full_broken: Option<String>,
-    since_image: Vec<(u64, u64)>,
-    since_full: Vec<(u64, u64)>,
 }
 
 struct Pending {
@@ -179,8 +133,8 @@ impl Consumer {
             last_full: sc.last_full,
             image_broken: sc.image_broken,
             full_broken: sc.full_broken,
-            since_image: ChangeMap::from_runs(&sc.since_image),
-            since_full: ChangeMap::from_runs(&sc.since_full),
+            since_image: sc.since_image,
+            since_full: sc.since_full,
             pending: None,
         }
     }
@@ -229,6 +183,8 @@ struct State {
     events: Vec<BlockEvent>,
     /// Set by `tracker stop`: the instance is gone and nothing more is drained or saved.
     stopped_for_good: bool,
+    /// The clean stop's state is taken: no later save may replace it.
+    saved_final: bool,
 }
 
 fn random_id() -> Result<String> {
@@ -373,65 +329,64 @@ impl State {
         }
     }
 
-    fn to_saved(&self, clean: bool) -> SavedState {
-        SavedState {
-            version: STATE_VERSION,
-            boot_id: self.boot_id.clone(),
-            clean_shutdown: clean,
-            pid: std::process::id(),
-            instance_filter: self.instance.filter.clone(),
-            buffer_kb: self.instance.buffer_kb,
-            buffer_readback: self.instance.buffer_readback.clone(),
-            losses_baseline: self.losses_baseline,
-            devices: self
-                .devices
-                .iter()
-                .map(|d| SavedDevice {
-                    path: d.path.display().to_string(),
-                    disk: d.disk,
-                    size: d.size,
-                    identity: d.identity.clone(),
-                    since: d.since.clone(),
-                    consumers: d
-                        .consumers
-                        .iter()
-                        .map(|(k, c)| {
-                            // An in-flight cut's marks are saved as still changed: a superset is safe.
-                            let mut image = c.since_image.clone();
-                            let mut full = c.since_full.clone();
-                            if let Some(p) = &c.pending {
-                                image.union_with(&p.image);
-                                if let Some(f) = &p.full {
-                                    full.union_with(f);
-                                }
-                            }
-                            SavedConsumer {
-                                key: k.clone(),
-                                start: c.start,
-                                len: c.len,
-                                granule: c.granule,
-                                lineage: c.lineage.clone(),
-                                seq: c.seq,
-                                last_image: c.last_image,
-                                last_full: c.last_full,
-                                image_broken: c.image_broken.clone(),
-                                full_broken: c.full_broken.clone(),
-                                since_image: image.runs(),
-                                since_full: full.runs(),
-                            }
-                        })
-                        .collect(),
-                })
-                .collect(),
+    /// The state as it stands, for saving. Under the lock this only copies chunk pointers (the
+    /// maps are copy-on-write); merging in-flight cuts and encoding happen in `Snapshot::save`,
+    /// after the lock is released.
+    fn snapshot(&self, clean: bool) -> Snapshot {
+        let mut in_flight = Vec::new();
+        let devices = self
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(di, d)| SavedDevice {
+                path: d.path.display().to_string(),
+                disk: d.disk,
+                size: d.size,
+                identity: d.identity.clone(),
+                since: d.since.clone(),
+                consumers: d
+                    .consumers
+                    .iter()
+                    .enumerate()
+                    .map(|(ci, (k, c))| {
+                        if let Some(p) = &c.pending {
+                            in_flight.push((di, ci, p.image.clone(), p.full.clone()));
+                        }
+                        SavedConsumer {
+                            key: k.clone(),
+                            start: c.start,
+                            len: c.len,
+                            granule: c.granule,
+                            lineage: c.lineage.clone(),
+                            seq: c.seq,
+                            last_image: c.last_image,
+                            last_full: c.last_full,
+                            image_broken: c.image_broken.clone(),
+                            full_broken: c.full_broken.clone(),
+                            legacy_since_image: Vec::new(),
+                            legacy_since_full: Vec::new(),
+                            since_image: c.since_image.clone(),
+                            since_full: c.since_full.clone(),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        Snapshot {
+            dir: self.dir.clone(),
+            state: SavedState {
+                version: statefile::VERSION,
+                boot_id: self.boot_id.clone(),
+                clean_shutdown: clean,
+                pid: std::process::id(),
+                instance_filter: self.instance.filter.clone(),
+                buffer_kb: self.instance.buffer_kb,
+                buffer_readback: self.instance.buffer_readback.clone(),
+                losses_baseline: self.losses_baseline,
+                devices,
+            },
+            in_flight,
         }
-    }
-
-    fn persist(&self, clean: bool) -> Result<()> {
-        let saved = self.to_saved(clean);
-        write_atomic(
-            &self.dir.join(STATE_FILE),
-            &serde_json::to_vec_pretty(&saved)?,
-        )
     }
 
     fn device_for(&mut self, disk: (u32, u32)) -> Result<&mut Device> {
@@ -452,7 +407,7 @@ impl State {
         key: &str,
         kind: CutKind,
         parent: Option<Token>,
-    ) -> Result<Reply> {
+    ) -> Result<(Reply, Option<ChangeMap>)> {
         if granule == 0 || !granule.is_power_of_two() {
             bail!("invalid granule {granule}");
         }
@@ -514,7 +469,8 @@ impl State {
                         )),
                     )
                 } else {
-                    (Some(set.runs()), None)
+                    // A copy of chunk pointers: the runs are listed after the lock is released.
+                    (Some(set.clone()), None)
                 }
             }
         };
@@ -529,14 +485,17 @@ impl State {
             full,
             loss_gen,
         });
-        Ok(Reply::Cut {
-            token: Token {
-                lineage: c.lineage.clone(),
-                seq: c.seq,
+        Ok((
+            Reply::Cut {
+                token: Token {
+                    lineage: c.lineage.clone(),
+                    seq: c.seq,
+                },
+                tracked: changed.is_some(),
+                reason,
             },
             changed,
-            reason,
-        })
+        ))
     }
 
     /// `keep_dirty`: byte ranges of the source (relative to its start) whose content the image
@@ -545,7 +504,7 @@ impl State {
     fn commit(
         &mut self,
         conn: u64,
-        found: Option<Vec<(u64, u64)>>,
+        found: Option<ChangeMap>,
         keep_dirty: &[(u64, u64)],
     ) -> Result<Reply> {
         let loss_gen = self.loss_gen;
@@ -571,8 +530,8 @@ impl State {
             CutKind::Differential => {
                 // A compare-scan differential found everything that differs from the full:
                 // with it the since-full set is whole again.
-                if let Some(runs) = found {
-                    c.since_full.union_with(&ChangeMap::from_runs(&runs));
+                if let Some(found) = found {
+                    c.since_full.union_with(&found);
                     if complete {
                         c.full_broken = None;
                     }
@@ -585,13 +544,14 @@ impl State {
             let to = c.start.saturating_add(off.saturating_add(len).min(c.len));
             c.mark_bytes(from, to);
         }
-        self.persist(false)?;
+        // The caller saves the state before it answers: a commit is durable once acknowledged.
         Ok(Reply::Committed)
     }
 
     /// `tracker stop`: no restart is expected, so the instance goes now rather than tracing
     /// every write until reboot. The saved state says why the next start must compare-scan.
-    fn stop_for_good(&mut self) -> Result<Reply> {
+    /// Returns the reply and the state to save; the caller saves it before answering.
+    fn stop_for_good(&mut self) -> Result<(Reply, Snapshot)> {
         let why = format!(
             "the tracker was stopped for good (cairn tracker stop) at {}",
             now_rfc3339()
@@ -599,13 +559,15 @@ impl State {
         self.break_everything(&why);
         // The main loop exits once the reply is out (serve sets STOP); until then it idles.
         self.stopped_for_good = true;
-        let persisted = self.persist(true);
+        let snapshot = self.snapshot(true);
         self.instance.close_and_remove()?;
-        persisted?;
         tracing::info!("{why}");
-        Ok(Reply::Stopped {
-            instance: self.instance.path.display().to_string(),
-        })
+        Ok((
+            Reply::Stopped {
+                instance: self.instance.path.display().to_string(),
+            },
+            snapshot,
+        ))
     }
 
     /// A backup went away without committing: its changes are still changes.
@@ -663,21 +625,56 @@ impl State {
     }
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+/// The state taken under the lock, saved without it.
+struct Snapshot {
+    dir: PathBuf,
+    state: SavedState,
+    /// (device, consumer, image, full) of each in-flight cut, by position in `state`.
+    in_flight: Vec<(usize, usize, ChangeMap, Option<ChangeMap>)>,
+}
+
+impl Snapshot {
+    fn save(mut self) -> Result<()> {
+        // An in-flight cut's marks are saved as still changed: a superset is safe.
+        for (di, ci, image, full) in self.in_flight.drain(..) {
+            let c = &mut self.state.devices[di].consumers[ci];
+            c.since_image.union_with(&image);
+            if let Some(f) = &full {
+                c.since_full.union_with(f);
+            }
+        }
+        statefile::save(&self.dir, &self.state)
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    crate::repo::sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// The daemon's state and the turn taken to save it. Saving takes `saving` first and holds
+/// `state` only while it snapshots, so draining events never waits for a file to be written; the
+/// order of turns is the order of snapshots, so an older state never replaces a newer one.
+/// Never take `saving` while holding `state`.
+struct Shared {
+    state: Mutex<State>,
+    saving: Mutex<()>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("not poisoned")
+    }
+
+    /// Saves the state as it is now, unless the tracker was stopped for good or has saved its
+    /// clean stop (after which nothing may replace that).
+    fn save(&self, clean: bool) -> Result<()> {
+        let _turn = self.saving.lock().expect("not poisoned");
+        let snapshot = {
+            let mut st = self.lock();
+            if st.stopped_for_good || st.saved_final {
+                return Ok(());
+            }
+            st.saved_final = clean;
+            st.snapshot(clean)
+        };
+        snapshot.save()
+    }
 }
 
 /// Where events are drained, for the test-only fault hook.
@@ -720,13 +717,16 @@ pub fn run(opts: &DaemonOptions) -> Result<()> {
         .map(|p| probe_device(p))
         .collect::<Result<Vec<_>>>()?;
     let state = State::start(opts, devices)?;
-    state.persist(false)?;
+    state.snapshot(false).save()?;
     let (listener, sock_path) = listen(&opts.state_dir)?;
     install_stop_handlers()?;
     announce(&state, opts);
-    let state = Arc::new(Mutex::new(state));
-    event_loop(&listener, &state, opts.interval);
-    shut_down(&state, &sock_path)
+    let shared = Arc::new(Shared {
+        state: Mutex::new(state),
+        saving: Mutex::new(()),
+    });
+    event_loop(&listener, &shared, opts.interval);
+    shut_down(&shared, &sock_path)
 }
 
 /// What is refused before anything is touched.
@@ -796,11 +796,15 @@ fn probe_device(p: &Path) -> Result<Device> {
 }
 
 /// The previous tracker's saved state, if it is readable and of this version.
+/// An unreadable state (damaged, or of an unknown version) is no state: every consumer starts
+/// broken and its next backup compare-scans, which is safe.
 fn load_saved(state_dir: &Path) -> Option<SavedState> {
-    std::fs::read(state_dir.join(STATE_FILE))
+    statefile::load(state_dir)
+        .inspect_err(|e| {
+            tracing::warn!("{e:#}: starting without it; every tracked source will compare-scan")
+        })
         .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .filter(|s: &SavedState| s.version == STATE_VERSION)
+        .flatten()
 }
 
 /// Why the writes since the previous tracker's save may not all be in the kernel instance
@@ -897,11 +901,12 @@ impl State {
             loss_gen: 0,
             events: Vec::new(),
             stopped_for_good: false,
+            saved_final: false,
         })
     }
 
     /// One turn of the main loop: apply the events logged since the last; check the
-    /// environment every second and save the state every ten.
+    /// environment every second.
     fn tick(&mut self, timers: &mut Timers) {
         if self.stopped_for_good {
             return;
@@ -910,12 +915,6 @@ impl State {
         if timers.last_check.elapsed() >= Duration::from_secs(1) {
             self.check_environment();
             timers.last_check = Instant::now();
-        }
-        if timers.last_persist.elapsed() >= Duration::from_secs(10) {
-            if let Err(e) = self.persist(false) {
-                tracing::warn!("saving tracker state: {e:#}");
-            }
-            timers.last_persist = Instant::now();
         }
     }
 }
@@ -963,36 +962,57 @@ fn announce(st: &State, opts: &DaemonOptions) {
     );
 }
 
-/// When the main loop last checked the environment and saved the state.
+/// When the main loop last checked the environment.
 struct Timers {
     last_check: Instant,
-    last_persist: Instant,
 }
 
+/// How often the state is saved while the tracker runs.
+const SAVE_EVERY: Duration = Duration::from_secs(10);
+
 /// Until STOP (a signal, or `tracker stop` answered): each client is served on its own thread;
-/// between polls, the main thread drains the kernel's buffers.
-fn event_loop(listener: &UnixListener, state: &Arc<Mutex<State>>, interval: Duration) {
+/// between polls, the main thread drains the kernel's buffers. The periodic save runs on a
+/// thread of its own, so neither the lock nor the draining thread waits for the disk.
+fn event_loop(listener: &UnixListener, shared: &Arc<Shared>, interval: Duration) {
     let mut next_conn = 1;
     let mut timers = Timers {
         last_check: Instant::now(),
-        last_persist: Instant::now(),
     };
+    // Capacity 1: a save asked for while one is running is coalesced into the next.
+    let (ask_save, saves) = std::sync::mpsc::sync_channel::<()>(1);
+    let saver = {
+        let shared = Arc::clone(shared);
+        std::thread::spawn(move || {
+            for () in saves {
+                if let Err(e) = shared.save(false) {
+                    tracing::warn!("saving tracker state: {e:#}");
+                }
+            }
+        })
+    };
+    let mut last_save = Instant::now();
     while !STOP.load(Ordering::SeqCst) {
-        accept_clients(listener, state, &mut next_conn);
-        state.lock().expect("not poisoned").tick(&mut timers);
+        accept_clients(listener, shared, &mut next_conn);
+        shared.lock().tick(&mut timers);
+        if last_save.elapsed() >= SAVE_EVERY {
+            let _ = ask_save.try_send(());
+            last_save = Instant::now();
+        }
         std::thread::sleep(interval);
     }
+    drop(ask_save);
+    let _ = saver.join();
 }
 
 /// Every connection waiting now, each on a thread of its own with a new connection number.
-fn accept_clients(listener: &UnixListener, state: &Arc<Mutex<State>>, next_conn: &mut u64) {
+fn accept_clients(listener: &UnixListener, shared: &Arc<Shared>, next_conn: &mut u64) {
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
-                let st = Arc::clone(state);
+                let sh = Arc::clone(shared);
                 let conn = *next_conn;
                 *next_conn += 1;
-                std::thread::spawn(move || serve(stream, conn, st));
+                std::thread::spawn(move || serve(stream, conn, sh));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) => {
@@ -1005,61 +1025,210 @@ fn accept_clients(listener: &UnixListener, state: &Arc<Mutex<State>>, next_conn:
 
 /// With the state locked, the socket goes (no new client finds it). After `tracker stop` the
 /// instance is already gone; otherwise the last events are applied and the state saved as a
-/// clean stop, which a restart resumes.
-fn shut_down(state: &Mutex<State>, sock_path: &Path) -> Result<()> {
-    let mut st = state.lock().expect("not poisoned");
+/// clean stop, which a restart resumes; no later save replaces it.
+fn shut_down(shared: &Shared, sock_path: &Path) -> Result<()> {
+    let _turn = shared.saving.lock().expect("not poisoned");
+    let mut st = shared.lock();
     let _ = std::fs::remove_file(sock_path);
     if st.stopped_for_good {
         eprintln!("cairn tracker: stopped for good; its kernel instance is removed");
         return Ok(());
     }
     st.apply_events(FaultSite::Stop);
-    st.persist(true)?;
+    st.saved_final = true;
+    let snapshot = st.snapshot(true);
+    drop(st);
+    snapshot.save()?;
     eprintln!(
         "cairn tracker: stopped; state saved (the kernel keeps buffering until the next start)"
     );
     Ok(())
 }
 
-fn serve(stream: UnixStream, conn: u64, state: Arc<Mutex<State>>) {
+/// (offset from the source's start, length) pairs.
+type ByteRanges = Vec<(u64, u64)>;
+
+/// What a connection sent ahead of its commit: the repair set and the unreadable ranges.
+#[derive(Default)]
+struct Incoming {
+    /// Granules of the source this connection's cut covers; runs are clamped to them.
+    granules: Option<u64>,
+    found: ChangeMap,
+    found_runs: u64,
+    keep_dirty: Vec<(u64, u64)>,
+    /// Why the commit must be refused (a batch before any cut, or too large).
+    problem: Option<String>,
+}
+
+impl Incoming {
+    fn found(&mut self, runs: &[(u64, u64)]) {
+        let Some(granules) = self.granules else {
+            self.problem = Some("changed runs sent before a cut".into());
+            return;
+        };
+        if runs.len() > protocol::RUN_BATCH {
+            self.problem = Some(format!("a batch of {} runs", runs.len()));
+            return;
+        }
+        self.found_runs += runs.len() as u64;
+        for &(first, count) in runs {
+            if first < granules {
+                self.found.mark(first, count.min(granules - first));
+            }
+        }
+    }
+
+    fn keep_dirty(&mut self, ranges: &[(u64, u64)]) {
+        if self.granules.is_none() {
+            self.problem = Some("unreadable ranges sent before a cut".into());
+        } else if ranges.len() > protocol::RUN_BATCH {
+            self.problem = Some(format!("a batch of {} ranges", ranges.len()));
+        } else {
+            self.keep_dirty.extend_from_slice(ranges);
+        }
+    }
+
+    /// The repair set for a commit that announced `found_runs` and `keep_dirty_ranges`, if
+    /// what arrived matches.
+    fn take(
+        &mut self,
+        found_runs: Option<u64>,
+        keep_dirty_ranges: u64,
+    ) -> Result<(Option<ChangeMap>, ByteRanges)> {
+        let me = std::mem::take(self);
+        self.granules = me.granules;
+        if let Some(p) = me.problem {
+            bail!("commit refused: {p}");
+        }
+        if found_runs.unwrap_or(0) != me.found_runs
+            || keep_dirty_ranges != me.keep_dirty.len() as u64
+        {
+            bail!(
+                "commit announced {} changed runs and {keep_dirty_ranges} unreadable ranges, but {} and {} arrived",
+                found_runs.unwrap_or(0),
+                me.found_runs,
+                me.keep_dirty.len()
+            );
+        }
+        Ok((found_runs.map(|_| me.found), me.keep_dirty))
+    }
+}
+
+fn send(out: &mut impl Write, reply: &Reply) -> std::io::Result<()> {
+    let mut text = serde_json::to_string(reply).expect("serialisable");
+    text.push('\n');
+    out.write_all(text.as_bytes())
+}
+
+/// A tracked cut's runs, in batches of `RUN_BATCH`, then their count; listed from the cut's
+/// snapshot with no lock held.
+fn send_runs(out: &mut impl Write, changed: &ChangeMap) -> std::io::Result<()> {
+    let mut batch = Vec::with_capacity(protocol::RUN_BATCH);
+    let mut count = 0u64;
+    changed.try_for_each_run(|first, len| {
+        batch.push((first, len));
+        count += 1;
+        if batch.len() == protocol::RUN_BATCH {
+            send(
+                out,
+                &Reply::Runs {
+                    runs: std::mem::take(&mut batch),
+                },
+            )?;
+        }
+        Ok::<(), std::io::Error>(())
+    })?;
+    if !batch.is_empty() {
+        send(out, &Reply::Runs { runs: batch })?;
+    }
+    send(out, &Reply::RunsEnd { count })
+}
+
+/// One request; Ok(None) for the batches that have no reply of their own.
+fn handle(
+    shared: &Shared,
+    conn: u64,
+    req: Request,
+    incoming: &mut Incoming,
+) -> Result<Option<(Reply, Option<ChangeMap>)>> {
+    Ok(Some(match req {
+        Request::Status => {
+            let mut st = shared.lock();
+            st.apply_events(FaultSite::Status);
+            (st.status(), None)
+        }
+        Request::Cut {
+            disk,
+            start,
+            len,
+            granule,
+            consumer,
+            kind,
+            parent,
+        } => {
+            let cut = shared
+                .lock()
+                .cut(conn, disk, start, len, granule, &consumer, kind, parent)?;
+            *incoming = Incoming {
+                granules: Some(len.div_ceil(granule)),
+                ..Incoming::default()
+            };
+            cut
+        }
+        Request::Found { runs } => {
+            incoming.found(&runs);
+            return Ok(None);
+        }
+        Request::KeepDirty { ranges } => {
+            incoming.keep_dirty(&ranges);
+            return Ok(None);
+        }
+        Request::Commit {
+            found_runs,
+            keep_dirty_ranges,
+        } => {
+            let (found, keep_dirty) = incoming.take(found_runs, keep_dirty_ranges)?;
+            let reply = shared.lock().commit(conn, found, &keep_dirty)?;
+            shared.save(false)?;
+            (reply, None)
+        }
+        Request::Stop => {
+            let _turn = shared.saving.lock().expect("not poisoned");
+            let (reply, snapshot) = shared.lock().stop_for_good()?;
+            snapshot.save()?;
+            (reply, None)
+        }
+    }))
+}
+
+fn serve(stream: UnixStream, conn: u64, shared: Arc<Shared>) {
     let _ = stream.set_nonblocking(false);
     let Ok(mut out) = stream.try_clone() else {
         return;
     };
-    let reader = BufReader::new(stream);
-    for line in reader.lines() {
-        let Ok(line) = line else { break };
-        let reply = match serde_json::from_str::<Request>(&line) {
-            Err(e) => Reply::Error {
-                message: format!("bad request: {e}"),
-            },
-            Ok(req) => {
-                let mut st = state.lock().expect("not poisoned");
-                let r = match req {
-                    Request::Status => {
-                        st.apply_events(FaultSite::Status);
-                        Ok(st.status())
-                    }
-                    Request::Cut {
-                        disk,
-                        start,
-                        len,
-                        granule,
-                        consumer,
-                        kind,
-                        parent,
-                    } => st.cut(conn, disk, start, len, granule, &consumer, kind, parent),
-                    Request::Commit { found, keep_dirty } => st.commit(conn, found, &keep_dirty),
-                    Request::Stop => st.stop_for_good(),
-                };
-                r.unwrap_or_else(|e| Reply::Error {
-                    message: format!("{e:#}"),
-                })
-            }
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    let mut incoming = Incoming::default();
+    // A read error (a message over the bound among them) ends the connection, as a drop does.
+    while let Ok(true) = protocol::read_message(&mut reader, &mut line) {
+        let handled = match serde_json::from_str::<Request>(&line) {
+            Err(e) => Err(anyhow!("bad request: {e}")),
+            Ok(req) => handle(&shared, conn, req, &mut incoming),
         };
-        let mut text = serde_json::to_string(&reply).expect("serialisable");
-        text.push('\n');
-        let written = out.write_all(text.as_bytes());
+        let (reply, changed) = match handled {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(e) => (
+                Reply::Error {
+                    message: format!("{e:#}"),
+                },
+                None,
+            ),
+        };
+        let mut written = send(&mut out, &reply);
+        if let (Ok(()), Some(changed)) = (&written, &changed) {
+            written = send_runs(&mut out, changed);
+        }
         if matches!(reply, Reply::Stopped { .. }) {
             // Only now: the process exits soon after, and the client must have its answer.
             STOP.store(true, Ordering::SeqCst);
@@ -1068,13 +1237,14 @@ fn serve(stream: UnixStream, conn: u64, state: Arc<Mutex<State>>) {
             break;
         }
     }
-    state.lock().expect("not poisoned").abort(conn);
+    shared.lock().abort(conn);
 }
 
 /// What a stopped tracker's saved state says, for `cairn tracker status`.
 pub fn saved_status(path: &Path) -> Result<Vec<DeviceStatus>> {
-    let s: SavedState =
-        serde_json::from_slice(&std::fs::read(path)?).context("reading saved tracker state")?;
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let s = statefile::decode(&bytes)
+        .with_context(|| format!("{} is not usable tracker state", path.display()))?;
     let gap = if s.boot_id != boot_id() {
         Some("the machine rebooted since the tracker last ran".to_string())
     } else if !s.clean_shutdown {
@@ -1097,8 +1267,7 @@ pub fn saved_status(path: &Path) -> Result<Vec<DeviceStatus>> {
                 .consumers
                 .into_iter()
                 .map(|c| {
-                    let count =
-                        |runs: &[(u64, u64)]| runs.iter().map(|r| r.1).sum::<u64>() * c.granule;
+                    let count = |set: &ChangeMap| set.count() * c.granule;
                     let cont = |b: &Option<String>| match (b, &gap) {
                         (Some(w), _) => format!("broken: {w}"),
                         (None, Some(g)) => format!("broken: {g}"),
@@ -1154,7 +1323,7 @@ pub fn reset(state_dir: &Path) -> Result<bool> {
         tracefs::remove_instance(&instance)?;
         removed = true;
     }
-    for f in [STATE_FILE, SOCKET] {
+    for f in [statefile::STATE_FILE, statefile::LEGACY_STATE_FILE, SOCKET] {
         match std::fs::remove_file(state_dir.join(f)) {
             Ok(()) => removed = true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -1171,9 +1340,8 @@ pub fn reset(state_dir: &Path) -> Result<bool> {
 /// must compare-scan. Returns the removed instance, if there was one.
 pub fn stop_stopped(state_dir: &Path) -> Result<Option<PathBuf>> {
     let _lock = exclude_tracker(state_dir)?;
-    let p = state_dir.join(STATE_FILE);
-    if let Ok(bytes) = std::fs::read(&p) {
-        if let Ok(mut s) = serde_json::from_slice::<SavedState>(&bytes) {
+    {
+        if let Ok(Some(mut s)) = statefile::load(state_dir) {
             let why = format!(
                 "the tracker was stopped for good (cairn tracker stop) at {}",
                 now_rfc3339()
@@ -1182,7 +1350,7 @@ pub fn stop_stopped(state_dir: &Path) -> Result<Option<PathBuf>> {
                 c.image_broken.get_or_insert_with(|| why.clone());
                 c.full_broken.get_or_insert_with(|| why.clone());
             }
-            write_atomic(&p, &serde_json::to_vec_pretty(&s)?)?;
+            statefile::save(state_dir, &s)?;
         }
     }
     let instance = instance_path(state_dir);

@@ -1,17 +1,18 @@
 //! Kernel-assisted change tracking. The daemon (daemon.rs) follows the block layer's tracepoints
 //! (tracefs.rs) and keeps changed-granule sets (changemap.rs); backups talk to it over a Unix socket
-//! (protocol.rs, and the client here). Without a running tracker, backups compare-scan.
+//! (protocol.rs, and the client here); its state survives restarts in statefile.rs. Without a running tracker, backups compare-scan.
 
 pub mod changemap;
 pub mod daemon;
 pub mod instances;
 pub mod protocol;
+pub mod statefile;
 pub mod tracefs;
 pub mod trackable;
 
 use anyhow::{anyhow, bail, Context, Result};
 use protocol::{CutKind, DeviceStatus, Reply, Request, Token};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -62,18 +63,18 @@ impl Session {
         })
     }
 
-    fn call(&mut self, req: &Request) -> Result<Reply> {
+    fn send(&mut self, req: &Request) -> Result<()> {
         let mut line = serde_json::to_string(req)?;
         line.push('\n');
         self.writer
             .write_all(line.as_bytes())
-            .context("talking to the tracker")?;
+            .context("talking to the tracker")
+    }
+
+    fn receive(&mut self) -> Result<Reply> {
         let mut answer = String::new();
-        if self
-            .reader
-            .read_line(&mut answer)
+        if !protocol::read_message(&mut self.reader, &mut answer)
             .context("waiting for the tracker")?
-            == 0
         {
             bail!("the tracker closed the connection");
         }
@@ -82,6 +83,32 @@ impl Session {
             bail!("tracker: {message}");
         }
         Ok(reply)
+    }
+
+    fn call(&mut self, req: &Request) -> Result<Reply> {
+        self.send(req)?;
+        self.receive()
+    }
+
+    /// The runs that follow a tracked cut's reply, batch by batch, up to the count that ends them.
+    fn receive_runs(&mut self) -> Result<Vec<(u64, u64)>> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        loop {
+            match self.receive()? {
+                Reply::Runs { runs: batch } => {
+                    if batch.len() > protocol::RUN_BATCH {
+                        bail!("the tracker sent {} runs in one batch", batch.len());
+                    }
+                    runs.extend(batch);
+                }
+                Reply::RunsEnd { count } if count == runs.len() as u64 => return Ok(runs),
+                Reply::RunsEnd { count } => bail!(
+                    "the tracker announced {count} changed runs but sent {}",
+                    runs.len()
+                ),
+                _ => bail!("unexpected tracker reply among a cut's runs"),
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -107,13 +134,20 @@ impl Session {
         match self.call(&req)? {
             Reply::Cut {
                 token,
-                changed,
+                tracked,
                 reason,
-            } => Ok(Cut {
-                token,
-                changed,
-                reason,
-            }),
+            } => {
+                let changed = if tracked {
+                    Some(self.receive_runs()?)
+                } else {
+                    None
+                };
+                Ok(Cut {
+                    token,
+                    changed,
+                    reason,
+                })
+            }
             _ => bail!("unexpected tracker reply to a cut"),
         }
     }
@@ -125,9 +159,19 @@ impl Session {
         found: Option<Vec<(u64, u64)>>,
         keep_dirty: &[(u64, u64)],
     ) -> Result<()> {
+        for batch in found.iter().flat_map(|f| f.chunks(protocol::RUN_BATCH)) {
+            self.send(&Request::Found {
+                runs: batch.to_vec(),
+            })?;
+        }
+        for batch in keep_dirty.chunks(protocol::RUN_BATCH) {
+            self.send(&Request::KeepDirty {
+                ranges: batch.to_vec(),
+            })?;
+        }
         let req = Request::Commit {
-            found,
-            keep_dirty: keep_dirty.to_vec(),
+            found_runs: found.as_ref().map(|f| f.len() as u64),
+            keep_dirty_ranges: keep_dirty.len() as u64,
         };
         match self.call(&req)? {
             Reply::Committed => Ok(()),
@@ -157,14 +201,13 @@ pub fn status(state_dir: &Path) -> Result<(Saved, Vec<DeviceStatus>)> {
     match Session::connect(state_dir) {
         Ok(mut s) => Ok((Saved::Running, s.status()?)),
         Err(e) => {
-            let p = state_dir.join(daemon::STATE_FILE);
-            if !p.exists() {
+            let Some(p) = statefile::path_in(state_dir) else {
                 let note = format!(
                     "{e:#}, and there is no saved tracker state in {}",
                     state_dir.display()
                 );
                 return Ok((Saved::Nothing(note), Vec::new()));
-            }
+            };
             Ok((Saved::Stopped, daemon::saved_status(&p)?))
         }
     }
@@ -186,8 +229,6 @@ pub fn stop(state_dir: &Path) -> Result<Option<String>> {
     };
     // The daemon exits without answering again: end of file is its exit.
     let mut rest = String::new();
-    s.reader
-        .read_line(&mut rest)
-        .context("waiting for the tracker to exit")?;
+    protocol::read_message(&mut s.reader, &mut rest).context("waiting for the tracker to exit")?;
     Ok(Some(instance))
 }

@@ -1,9 +1,60 @@
 //! The backup ⇄ tracker handshake over a Unix socket in the state directory: one JSON message per
-//! line. A backup "cuts" (takes the changed set and a token), keeps the connection open while it
-//! reads, and "commits" once its image is in the repository. A connection that closes without a
-//! commit — a failed or killed backup — gives the changes back, so the next backup still has them.
+//! line, each at most `MAX_MESSAGE` bytes. A backup "cuts" (takes the changed set and a token),
+//! keeps the connection open while it reads, and "commits" once its image is in the repository. A
+//! connection that closes without a commit — a failed or killed backup — gives the changes back,
+//! so the next backup still has them.
+//!
+//! Run lists are never one message: a set of millions of scattered granules would be a line of
+//! tens of megabytes. The cut's reply says whether runs follow; they come as `Runs` lines of at
+//! most `RUN_BATCH` runs and end with `RunsEnd`, which counts them. Likewise a commit's repair set
+//! and unreadable ranges go first as `Found` and `KeepDirty` lines (no reply each), and the
+//! `Commit` that follows counts them, so a lost or extra batch is an error, not a silent change.
 
 use serde::{Deserialize, Serialize};
+use std::io::BufRead;
+
+/// Runs per `Runs`, `Found` or `KeepDirty` line: about 200 KiB of JSON at most.
+pub const RUN_BATCH: usize = 4096;
+/// The longest line either side accepts.
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+/// Reads one line into `line` (cleared first), refusing one longer than `MAX_MESSAGE`: a peer
+/// cannot make the other side buffer without bound. Ok(false) at end of stream.
+pub fn read_message(reader: &mut impl BufRead, line: &mut String) -> std::io::Result<bool> {
+    line.clear();
+    let mut bytes = Vec::new();
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            if bytes.is_empty() {
+                return Ok(false);
+            }
+            break;
+        }
+        let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (buf.len(), false),
+        };
+        if bytes.len() + take > MAX_MESSAGE + 1 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a message longer than {MAX_MESSAGE} bytes"),
+            ));
+        }
+        bytes.extend_from_slice(&buf[..take]);
+        reader.consume(take);
+        if done {
+            break;
+        }
+    }
+    *line = String::from_utf8(bytes).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "a message that is not UTF-8",
+        )
+    })?;
+    Ok(true)
+}
 
 /// Identifies a cut: the tracker's record of "this image saw the device as of here".
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,14 +89,22 @@ pub enum Request {
         /// For an incremental: the token of the previous image; for a differential: of the full.
         parent: Option<Token>,
     },
-    /// The image of the last cut is safely in the repository. `found` (granule runs) is what a
-    /// compare-scan differential found changed since the full, which repairs the since-full set.
+    /// Granule runs a compare-scan differential found changed since the full, which repair the
+    /// since-full set at the commit; sent in batches before it, after the cut.
+    Found {
+        runs: Vec<(u64, u64)>,
+    },
+    /// Byte ranges of the source (offset from its start, length) that stay changed after the
+    /// commit in both sets: what the image could not read, so the next one reads it. In batches
+    /// before the commit.
+    KeepDirty {
+        ranges: Vec<(u64, u64)>,
+    },
+    /// The image of the last cut is safely in the repository. `found_runs`: how many `Found`
+    /// runs were sent (None: no repair set); `keep_dirty_ranges`: how many `KeepDirty` ranges.
     Commit {
-        found: Option<Vec<(u64, u64)>>,
-        /// Byte ranges of the source (offset from its start, length) that stay changed after
-        /// this commit in both sets: what the image could not read, so the next one reads it.
-        #[serde(default)]
-        keep_dirty: Vec<(u64, u64)>,
+        found_runs: Option<u64>,
+        keep_dirty_ranges: u64,
     },
     /// Stop the tracker for good: remove its kernel instance (no restart is expected).
     Stop,
@@ -59,10 +118,19 @@ pub enum Reply {
     },
     Cut {
         token: Token,
-        /// Changed granule runs when the tracker can prove continuity; None means compare-scan.
-        changed: Option<Vec<(u64, u64)>>,
+        /// True when the tracker can prove continuity: the changed granule runs follow, as `Runs`
+        /// lines and a `RunsEnd`. False means compare-scan.
+        tracked: bool,
         /// Why a compare-scan is needed.
         reason: Option<String>,
+    },
+    /// Up to `RUN_BATCH` changed granule runs, ascending.
+    Runs {
+        runs: Vec<(u64, u64)>,
+    },
+    /// The last of the cut's runs was sent; `count` of them in all.
+    RunsEnd {
+        count: u64,
     },
     Committed,
     /// The tracker removed its instance and is exiting.
@@ -96,4 +164,30 @@ pub struct ConsumerStatus {
     pub changed_bytes_since_full: u64,
     pub last_image_seq: Option<u64>,
     pub last_full_seq: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_read_one_by_one_and_an_overlong_one_is_refused() {
+        let mut input = b"{\"op\":\"status\"}\nsecond".to_vec();
+        let mut r = std::io::BufReader::with_capacity(7, &input[..]);
+        let mut line = String::new();
+        assert!(read_message(&mut r, &mut line).unwrap());
+        assert_eq!(line, "{\"op\":\"status\"}\n");
+        assert!(read_message(&mut r, &mut line).unwrap());
+        assert_eq!(line, "second");
+        assert!(!read_message(&mut r, &mut line).unwrap());
+
+        input = vec![b'x'; MAX_MESSAGE + 1];
+        input.push(b'\n');
+        let exact = read_message(&mut &input[..], &mut line).unwrap_err();
+        assert_eq!(exact.kind(), std::io::ErrorKind::InvalidData);
+        let mut fits = vec![b'x'; MAX_MESSAGE - 1];
+        fits.push(b'\n');
+        assert!(read_message(&mut &fits[..], &mut line).unwrap());
+        assert_eq!(line.len(), MAX_MESSAGE);
+    }
 }
