@@ -19,26 +19,19 @@ mod write;
 pub use write::{Out, Unit};
 
 use crate::device::{self, buf::AlignedBuf, Access, DeviceInfo};
-use crate::format::frame::Codec;
-use crate::format::manifest::{IndexRef, ParentRef, Stats, TrackingRef};
-use crate::format::{
-    self, hash_hex, Entry, EntryKind, FrameHeader, ImageKind, Manifest, Method, SourceIdentity,
-};
+use crate::format::manifest::Stats;
+use crate::format::{self, ImageKind, Method, SourceIdentity};
 use crate::progress::Progress;
-use crate::repo::{Image, Repository};
-use crate::tracker::{self, protocol::CutKind, protocol::Token};
-use anyhow::{anyhow, bail, Context, Result};
-use plan::{
-    decide_kind, extents_from_runs, images_of_name, restorable_chain, tracked_range, Decision, Work,
-};
+use crate::repo::{Image, ImageWriter, Repository};
+use crate::tracker;
+use anyhow::{bail, Context, Result};
+use plan::{Decision, Plan, Work};
 use read::{io_shape, read_all, Geometry, POOL_BUFFERS};
-use stage::block_stage;
-use write::SegmentSink;
-
 use serde::Serialize;
-
+use stage::block_stage;
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use write::SegmentSink;
 
 pub struct BackupOptions {
     pub source: PathBuf,
@@ -119,6 +112,104 @@ pub struct BackupReport {
 
 pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     let started = Instant::now();
+    let info = open_source(opts)?;
+    let partition_table = crate::ptable::for_backup(&info);
+    let repo = Repository::open_or_create(&opts.repo)?;
+    let lock = repo.lock()?;
+    repo.remove_leftovers(&lock)?;
+
+    let name = image_name(opts, &info)?;
+    let catalogue = repo.catalogue()?;
+    let Decision {
+        kind,
+        parent,
+        parent_chain,
+        note,
+        fallback,
+    } = plan::decide(&repo, &catalogue, opts.kind, &name);
+    let granule = parent.as_ref().map_or(format::GRANULE, |(m, _)| m.granule);
+    let block_size = parent
+        .as_ref()
+        .map_or(opts.block_size, |(m, _)| m.block_size);
+    // The tracker is asked for every backup, a full included: the cut starts (or continues) the
+    // history the next incremental proves its continuity against.
+    let consumer = format!("{}/{}", repo.identity(), name);
+    let tracking = plan::ask_tracker(
+        &opts.state_dir,
+        &info,
+        &consumer,
+        kind,
+        parent.as_ref(),
+        granule,
+    );
+    let (method, method_reason) = plan::choose_method(kind, fallback, &tracking);
+
+    let created_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let id = repo.new_image_id(created_unix, &lock);
+    let mut writer = repo.begin_image(&id, opts.segment_size, &lock)?;
+    // What to compare with: the parent chain, checked restorable above (dropped when not needed,
+    // as it holds every index of the chain).
+    let base_chain: Vec<Image> = if method == Method::CompareScan {
+        parent_chain
+    } else {
+        drop(parent_chain);
+        Vec::new()
+    };
+    let work = plan::work_for(
+        method,
+        tracking.cut.as_ref(),
+        granule,
+        block_size,
+        info.size,
+    );
+    let plan = Plan {
+        id,
+        name,
+        kind,
+        parent,
+        note,
+        method,
+        method_reason,
+        granule,
+        block_size,
+        created_unix,
+        work,
+    };
+
+    let stored = read_and_store(opts, &info, &plan, &base_chain, &mut writer, progress)?;
+    drop(base_chain);
+    plan::check_parent_unchanged(&repo, plan.parent.as_ref(), &opts.source)?;
+
+    let written = write::finish_files(&mut writer, &stored.bad_ranges, stored.stats, started)?;
+    let sequence = repo.reserve_sequence(&catalogue, &lock)?;
+    let manifest = write::manifest(
+        &plan,
+        &info,
+        opts.level,
+        written,
+        tracking.cut.as_ref(),
+        partition_table,
+        sequence,
+    );
+    write::publish(writer, &manifest, &opts.source)?;
+    drop(lock);
+    tell_tracker(tracking.session, &plan, stored.found, &stored.bad_ranges);
+    Ok(report(
+        opts,
+        &info,
+        plan,
+        &manifest.stats,
+        stored.io,
+        stored.bad_ranges,
+        started,
+    ))
+}
+
+/// Probes the source and refuses one that cannot be backed up (empty, or holding the repository).
+fn open_source(opts: &BackupOptions) -> Result<DeviceInfo> {
     device::require_root_for(&opts.source)?;
     let info = DeviceInfo::probe(&opts.source)
         .with_context(|| format!("cannot use source {}", opts.source.display()))?;
@@ -138,203 +229,80 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
             tracing::warn!("{why}: the image may be inconsistent; unmount it or back up from the rescue system for a consistent image");
         }
     }
-    let partition_table = crate::ptable::for_backup(&info);
-    let repo = Repository::open_or_create(&opts.repo)?;
-    let lock = repo.lock()?;
-    repo.remove_leftovers(&lock)?;
+    Ok(info)
+}
 
-    let name = match &opts.name {
+/// The name asked for, or the source's default name.
+fn image_name(opts: &BackupOptions, info: &DeviceInfo) -> Result<String> {
+    Ok(match &opts.name {
         Some(n) if !format::valid_name(n) => bail!(
             "invalid name {n:?}: use letters, digits, '.', '_', '-' and ':', starting with a letter or digit"
         ),
         Some(n) => n.clone(),
         None => info.default_name(),
-    };
-    let catalogue = repo.catalogue()?;
-    let history = images_of_name(&repo, &catalogue, &name);
-    let Decision {
-        kind,
-        parent,
-        parent_chain,
-        note,
-        fallback,
-    } = decide_kind(opts.kind, &history, &name, |m| restorable_chain(&repo, m));
-    if let Some(why) = catalogue.doubt_newest(catalogue.newest_of(&name)) {
-        tracing::warn!("{why}: it may be the newest image of {name}; the new image is relative to the newest readable one");
-    }
+    })
+}
 
-    // The tracker is asked for every backup, a full included: the cut starts (or continues) the
-    // history the next incremental proves its continuity against.
-    let consumer = format!("{}/{}", repo.identity(), name);
-    let granule = parent.as_ref().map_or(format::GRANULE, |(m, _)| m.granule);
-    let block_size = parent
-        .as_ref()
-        .map_or(opts.block_size, |(m, _)| m.block_size);
-    let parent_token = parent
-        .as_ref()
-        .and_then(|(m, _)| m.tracking.clone())
-        .map(|t| Token {
-            lineage: t.lineage,
-            seq: t.seq,
-        });
-    let cut_kind = match kind {
-        ImageKind::Full => CutKind::Full,
-        ImageKind::Incremental => CutKind::Incremental,
-        ImageKind::Differential => CutKind::Differential,
-    };
-    let (session, cut, tracker_problem) = match tracked_range(&info) {
-        Err(why) => (None, None, Some(why)),
-        Ok((disk, start, len)) => match tracker::Session::connect(&opts.state_dir) {
-            Err(e) => (None, None, Some(format!("{e:#}"))),
-            Ok(mut s) => match s.cut(
-                disk,
-                start,
-                len,
-                u64::from(granule),
-                &consumer,
-                cut_kind,
-                parent_token,
-            ) {
-                Ok(c) => (Some(s), Some(c), None),
-                Err(e) => (None, None, Some(format!("{e:#}"))),
-            },
-        },
-    };
-    let (method, method_reason) = match (kind, &cut) {
-        (ImageKind::Full, _) => (Method::Full, None),
-        // The tracker's changes are relative to the image it cut last, which is not the parent.
-        _ if fallback.is_some() => (Method::CompareScan, fallback.clone()),
-        (_, Some(c)) if c.changed.is_some() => (Method::Tracked, None),
-        (_, Some(c)) => (Method::CompareScan, c.reason.clone()),
-        (_, None) => (Method::CompareScan, tracker_problem.clone()),
-    };
-    if kind == ImageKind::Full {
-        if let Some(p) = &tracker_problem {
-            tracing::info!("no change tracking for this series: {p}");
-        }
-    }
-    if let Some(r) = &method_reason {
-        tracing::warn!("compare-scan (reads the whole source): {r}");
-    }
+/// What reading the source stored.
+struct Stored {
+    stats: Stats,
+    /// The granule runs read.
+    found: Vec<(u64, u64)>,
+    bad_ranges: BadRanges,
+    io: String,
+}
 
-    let created_unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let id = repo.new_image_id(created_unix, &lock);
-    let mut writer = repo.begin_image(&id, opts.segment_size, &lock)?;
-
-    // What to compare with: the parent chain, checked restorable above (dropped when not needed,
-    // as it holds every index of the chain).
-    let base_chain: Vec<Image> = if method == Method::CompareScan {
-        parent_chain
-    } else {
-        drop(parent_chain);
-        Vec::new()
-    };
-    let work = match (method, &cut) {
-        (Method::Tracked, Some(c)) => Work::Extents(extents_from_runs(
-            c.changed.as_deref().unwrap_or_default(),
-            u64::from(granule),
-            u64::from(block_size),
-            info.size,
-        )),
-        (Method::CompareScan, _) => Work::Compare,
-        _ => Work::All,
-    };
-    let to_read = work.bytes(info.size);
-
-    let (depth, pool) = io_shape(&work);
-    let buffers = device::buf::pool(pool, block_size as usize);
+/// Reads the source through the block stages into the new image's segments and index.
+fn read_and_store(
+    opts: &BackupOptions,
+    info: &DeviceInfo,
+    plan: &Plan,
+    base_chain: &[Image],
+    writer: &mut ImageWriter,
+    progress: &Progress,
+) -> Result<Stored> {
+    let to_read = plan.work.bytes(info.size);
+    let (depth, pool) = io_shape(&plan.work);
+    let buffers = device::buf::pool(pool, plan.block_size as usize);
     let handle = device::open(&opts.source, Access::Read, info.is_block(), depth, &buffers)?;
     let io = handle.queue.describe();
+    let id = &plan.id;
     tracing::info!(
         "{} backup ({}) of {} ({} bytes) to {} as {id} [{io}]",
-        kind.as_str(),
-        method_name(method),
+        plan.kind.as_str(),
+        method_name(plan.method),
         opts.source.display(),
         info.size,
         opts.repo.display()
     );
     progress.start(
         to_read,
-        &format!("{} → {id} ({})", opts.source.display(), method_name(method)),
+        &format!(
+            "{} → {id} ({})",
+            opts.source.display(),
+            method_name(plan.method)
+        ),
     );
 
     let geometry = Geometry {
         size: info.size,
-        block_size,
-        granule,
+        block_size: plan.block_size,
+        granule: plan.granule,
         sector: info.logical_sector_size.max(512) as usize,
         max_bad: opts.max_bad.limit(info.size),
     };
-    let mut stats = Stats::default();
-    let mut found: Vec<(u64, u64)> = Vec::new();
-    let explicit_zero = kind != ImageKind::Full;
+    let mut sink = write::ImageSink::new(writer, plan.granule, plan.kind);
     let bad_ranges = pipeline(
         handle,
         buffers,
         geometry,
         &opts.source,
         opts.level,
-        &work,
-        &base_chain,
+        &plan.work,
+        base_chain,
         |unit| {
             progress.advance(unit.read_len);
-            stats.blocks_total += 1;
-            stats.bytes_read += unit.read_len;
-            for out in unit.outs {
-                let (g0, g1) = (
-                    out.offset / u64::from(granule),
-                    (out.offset + out.len).div_ceil(u64::from(granule)),
-                );
-                match found.last_mut() {
-                    Some((f, c)) if *f + *c == g0 => *c += g1 - g0,
-                    _ => found.push((g0, g1 - g0)),
-                }
-                let Some((codec, payload)) = out.stored else {
-                    stats.blocks_zero += 1;
-                    if explicit_zero {
-                        writer.push_entry(&Entry {
-                            offset: out.offset,
-                            length: out.len as u32,
-                            kind: EntryKind::Zero,
-                            segment: 0,
-                            stored_length: 0,
-                            segment_offset: 0,
-                            crc: 0,
-                            hash: out.hash,
-                        })?;
-                    }
-                    continue;
-                };
-                stats.data_bytes += out.len;
-                stats.blocks_stored += 1;
-                let crc = crc32fast::hash(payload);
-                let header = FrameHeader {
-                    codec,
-                    offset: out.offset,
-                    length: out.len as u32,
-                    stored_length: payload.len() as u32,
-                    crc,
-                };
-                let (segment, segment_offset) = writer.append(&header, payload)?;
-                writer.push_entry(&Entry {
-                    offset: out.offset,
-                    length: out.len as u32,
-                    kind: if codec == Codec::Zstd {
-                        EntryKind::Zstd
-                    } else {
-                        EntryKind::Raw
-                    },
-                    segment,
-                    stored_length: payload.len() as u32,
-                    segment_offset,
-                    crc,
-                    hash: out.hash,
-                })?;
-            }
-            Ok(())
+            sink.take(unit)
         },
     )
     .with_context(|| {
@@ -344,115 +312,49 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
         )
     })?;
     progress.finish();
-    drop(base_chain);
-    // The parent chain again, just before commit: an image deleted or replaced by hand during the
-    // run must not leave a new image on a broken chain.
-    if let Some((m, h)) = &parent {
-        let chain = restorable_chain(&repo, m).with_context(|| {
-            format!(
-                "backup of {} failed; the repository is unchanged: the parent chain broke during the backup",
-                opts.source.display()
-            )
-        })?;
-        if chain.last().map(|i| i.manifest_hash) != Some(*h) {
-            bail!(
-                "backup of {} failed; the repository is unchanged: the parent image {} was replaced during the backup",
-                opts.source.display(),
-                m.id
-            );
-        }
-    }
+    Ok(Stored {
+        stats: sink.stats,
+        found: sink.found,
+        bad_ranges,
+        io,
+    })
+}
 
-    let segments = writer.finish_segments()?;
-    let index = writer.finish_index()?;
-    stats.stored_bytes = segments.iter().map(|s| s.size).sum::<u64>() + index.size;
-    stats.duration_ms = started.elapsed().as_millis() as u64;
-    // Unreadable ranges go to their own binary file: a dying disk can have hundreds of thousands,
-    // too many for the manifest's JSON.
-    let bad_ranges_file = if bad_ranges.is_empty() {
-        None
-    } else {
-        let (bytes, r) = format::badranges::encode(&bad_ranges);
-        writer.add_file(format::badranges::FILE_NAME, &bytes)?;
-        Some(r)
-    };
-    let base_full = match (&parent, kind) {
-        (_, ImageKind::Full) | (None, _) => None,
-        (Some((m, _)), _) => Some(m.base_full.clone().unwrap_or_else(|| m.id.clone())),
-    };
-    let manifest = Manifest {
-        format_version: format::FORMAT_VERSION,
-        id: id.clone(),
-        name: name.clone(),
-        kind,
-        parent: parent.as_ref().map(|(m, h)| ParentRef {
-            id: m.id.clone(),
-            manifest_blake3: hash_hex(h),
-        }),
-        base_full,
-        created_unix,
-        created: humantime::format_rfc3339_seconds(
-            UNIX_EPOCH + std::time::Duration::from_secs(created_unix),
-        )
-        .to_string(),
-        tool_version: format!("cairn {}", env!("CARGO_PKG_VERSION")),
-        method,
-        source: source_identity(&info),
-        block_size,
-        granule,
-        codec: "zstd".into(),
-        level: opts.level,
-        index: IndexRef {
-            entries: index.entries,
-            size: index.size,
-            blake3: hash_hex(&index.blake3),
-        },
-        segments,
-        stats: stats.clone(),
-        bad_ranges: Vec::new(),
-        bad_ranges_file,
-        tracking: cut.as_ref().map(|c| TrackingRef {
-            lineage: c.token.lineage.clone(),
-            seq: c.token.seq,
-        }),
-        partition_table,
-        sequence: Some(repo.reserve_sequence(&catalogue, &lock)?),
-    };
-    // What the loader would refuse is never committed (the temporary image is removed).
-    manifest
-        .validate()
-        .map_err(|e| anyhow!("the new image's manifest is invalid ({e}); nothing was kept"))?;
-    let (manifest_bytes, _) = manifest.encode();
-    // Never publish what the loader would refuse.
-    if manifest_bytes.len() as u64 > format::manifest::MAX_MANIFEST_LEN {
-        bail!(
-            "backup of {} failed; the repository is unchanged: its manifest would be {} bytes, more than the {} a reader accepts",
-            opts.source.display(),
-            manifest_bytes.len(),
-            format::manifest::MAX_MANIFEST_LEN
-        );
-    }
-    writer.commit(&manifest_bytes)?;
-    drop(lock);
-    // Only now, with the image published, may the tracker forget what this image holds —
-    // except the unreadable ranges: their content is unknown, so the next backup reads them again.
+/// Only now, with the image published, may the tracker forget what this image holds —
+/// except the unreadable ranges: their content is unknown, so the next backup reads them again.
+fn tell_tracker(
+    session: Option<tracker::Session>,
+    plan: &Plan,
+    found: Vec<(u64, u64)>,
+    bad_ranges: &[(u64, u64)],
+) {
     if let Some(s) = session {
-        let repair =
-            (kind == ImageKind::Differential && method == Method::CompareScan).then_some(found);
-        if let Err(e) = s.commit(repair, &bad_ranges) {
+        let repair = (plan.kind == ImageKind::Differential && plan.method == Method::CompareScan)
+            .then_some(found);
+        if let Err(e) = s.commit(repair, bad_ranges) {
             tracing::warn!("the tracker did not take the commit ({e:#}); the next backup will include these changes again");
         }
     }
+}
 
+fn report(
+    opts: &BackupOptions,
+    info: &DeviceInfo,
+    plan: Plan,
+    stats: &Stats,
+    io: String,
+    bad_ranges: BadRanges,
+    started: Instant,
+) -> BackupReport {
     let secs = started.elapsed().as_secs_f64().max(1e-9);
-    Ok(BackupReport {
-        id,
-        name,
-        kind: kind.as_str(),
-        parent: manifest.parent.as_ref().map(|p| p.id.clone()),
-        method: method_name(method),
-        method_reason,
-        note,
+    BackupReport {
+        id: plan.id,
+        name: plan.name,
+        kind: plan.kind.as_str(),
+        parent: plan.parent.as_ref().map(|(m, _)| m.id.clone()),
+        method: method_name(plan.method),
+        method_reason: plan.method_reason,
+        note: plan.note,
         source: opts.source.display().to_string(),
         source_size: info.size,
         bytes_read: stats.bytes_read,
@@ -466,7 +368,7 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
         io,
         bad_bytes: bad_ranges.iter().map(|r| r.1).sum(),
         bad_ranges,
-    })
+    }
 }
 
 pub fn method_name(m: Method) -> &'static str {

@@ -2,9 +2,11 @@
 
 use crate::chain;
 use crate::device::{DeviceInfo, Kind};
-use crate::format::{self, ImageKind, Manifest};
+use crate::format::{self, ImageKind, Manifest, Method};
 use crate::repo::{Image, Repository};
-use anyhow::Result;
+use crate::tracker::{self, protocol::CutKind, protocol::Token};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
 
 pub(super) struct Decision {
     pub(super) kind: ImageKind,
@@ -21,7 +23,7 @@ pub(super) struct Decision {
 /// to the newest image (the newest full for a differential) whose chain is restorable. Never onto
 /// a broken chain: when that image's chain is broken the parent is the newest restorable one
 /// before it (`fallback` says so), and a full when there is none.
-pub(super) fn decide_kind(
+fn decide_kind(
     asked: Option<ImageKind>,
     history: &[(Manifest, format::Hash)],
     name: &str,
@@ -89,7 +91,7 @@ pub(super) fn decide_kind(
 
 /// The restore point ending at `m`, when it is complete and restorable: every manifest and index
 /// present and checked, parent hashes matching, every segment present at its size.
-pub(super) fn restorable_chain(repo: &Repository, m: &Manifest) -> Result<Vec<Image>> {
+fn restorable_chain(repo: &Repository, m: &Manifest) -> Result<Vec<Image>> {
     let chain = chain::resolve(repo, &m.id)?;
     for img in &chain {
         img.check_segments_present()?;
@@ -99,7 +101,7 @@ pub(super) fn restorable_chain(repo: &Repository, m: &Manifest) -> Result<Vec<Im
 
 /// Every readable image of `name`, oldest first. Unreadable manifests are never taken as a parent
 /// (`verify` reports them).
-pub(super) fn images_of_name(
+fn images_of_name(
     repo: &Repository,
     catalogue: &crate::repo::Catalogue,
     name: &str,
@@ -117,9 +119,7 @@ pub(super) fn images_of_name(
 }
 
 /// The whole disk and byte range the tracker knows this source by.
-pub(super) fn tracked_range(
-    info: &DeviceInfo,
-) -> std::result::Result<((u32, u32), u64, u64), String> {
+fn tracked_range(info: &DeviceInfo) -> std::result::Result<((u32, u32), u64, u64), String> {
     match info.kind {
         Kind::File => Err("the source is a file; only block devices are tracked".into()),
         Kind::Disk => Ok((info.devno.expect("block device"), 0, info.size)),
@@ -138,7 +138,7 @@ pub(super) fn tracked_range(
 }
 
 /// Granule runs → read extents, each inside one block.
-pub(super) fn extents_from_runs(
+fn extents_from_runs(
     runs: &[(u64, u64)],
     granule: u64,
     block_size: u64,
@@ -175,6 +175,159 @@ impl Work {
             Work::Extents(e) => e.iter().map(|x| x.1).sum(),
         }
     }
+}
+
+/// What this backup is, once decided: the image, its kind and parent, and how to find what to
+/// store.
+pub(super) struct Plan {
+    pub(super) id: String,
+    pub(super) name: String,
+    pub(super) kind: ImageKind,
+    /// The image this one is relative to, with its manifest hash.
+    pub(super) parent: Option<(Manifest, format::Hash)>,
+    pub(super) note: Option<String>,
+    pub(super) method: Method,
+    pub(super) method_reason: Option<String>,
+    pub(super) granule: u32,
+    pub(super) block_size: u32,
+    pub(super) created_unix: u64,
+    pub(super) work: Work,
+}
+
+/// The kind and parent of the new image of `name`, from the readable images of that name.
+pub(super) fn decide(
+    repo: &Repository,
+    catalogue: &crate::repo::Catalogue,
+    asked: Option<ImageKind>,
+    name: &str,
+) -> Decision {
+    let history = images_of_name(repo, catalogue, name);
+    let decision = decide_kind(asked, &history, name, |m| restorable_chain(repo, m));
+    if let Some(why) = catalogue.doubt_newest(catalogue.newest_of(name)) {
+        tracing::warn!("{why}: it may be the newest image of {name}; the new image is relative to the newest readable one");
+    }
+    decision
+}
+
+/// The tracker's answer for this backup, or why there is none.
+pub(super) struct Tracking {
+    pub(super) session: Option<tracker::Session>,
+    pub(super) cut: Option<tracker::Cut>,
+    pub(super) problem: Option<String>,
+}
+
+/// Asks the change tracker for the writes since the parent image.
+pub(super) fn ask_tracker(
+    state_dir: &Path,
+    info: &DeviceInfo,
+    consumer: &str,
+    kind: ImageKind,
+    parent: Option<&(Manifest, format::Hash)>,
+    granule: u32,
+) -> Tracking {
+    let parent_token = parent.and_then(|(m, _)| m.tracking.clone()).map(|t| Token {
+        lineage: t.lineage,
+        seq: t.seq,
+    });
+    let cut_kind = match kind {
+        ImageKind::Full => CutKind::Full,
+        ImageKind::Incremental => CutKind::Incremental,
+        ImageKind::Differential => CutKind::Differential,
+    };
+    let (session, cut, problem) = match tracked_range(info) {
+        Err(why) => (None, None, Some(why)),
+        Ok((disk, start, len)) => match tracker::Session::connect(state_dir) {
+            Err(e) => (None, None, Some(format!("{e:#}"))),
+            Ok(mut s) => match s.cut(
+                disk,
+                start,
+                len,
+                u64::from(granule),
+                consumer,
+                cut_kind,
+                parent_token,
+            ) {
+                Ok(c) => (Some(s), Some(c), None),
+                Err(e) => (None, None, Some(format!("{e:#}"))),
+            },
+        },
+    };
+    Tracking {
+        session,
+        cut,
+        problem,
+    }
+}
+
+/// How to find what to store, and why a compare-scan is needed when it is.
+pub(super) fn choose_method(
+    kind: ImageKind,
+    fallback: Option<String>,
+    tracking: &Tracking,
+) -> (Method, Option<String>) {
+    let (method, method_reason) = match (kind, &tracking.cut) {
+        (ImageKind::Full, _) => (Method::Full, None),
+        // The tracker's changes are relative to the image it cut last, which is not the parent.
+        _ if fallback.is_some() => (Method::CompareScan, fallback),
+        (_, Some(c)) if c.changed.is_some() => (Method::Tracked, None),
+        (_, Some(c)) => (Method::CompareScan, c.reason.clone()),
+        (_, None) => (Method::CompareScan, tracking.problem.clone()),
+    };
+    if kind == ImageKind::Full {
+        if let Some(p) = &tracking.problem {
+            tracing::info!("no change tracking for this series: {p}");
+        }
+    }
+    if let Some(r) = &method_reason {
+        tracing::warn!("compare-scan (reads the whole source): {r}");
+    }
+    (method, method_reason)
+}
+
+/// What the reader reads for `method`.
+pub(super) fn work_for(
+    method: Method,
+    cut: Option<&tracker::Cut>,
+    granule: u32,
+    block_size: u32,
+    size: u64,
+) -> Work {
+    match (method, cut) {
+        (Method::Tracked, Some(c)) => Work::Extents(extents_from_runs(
+            c.changed.as_deref().unwrap_or_default(),
+            u64::from(granule),
+            u64::from(block_size),
+            size,
+        )),
+        (Method::CompareScan, _) => Work::Compare,
+        _ => Work::All,
+    }
+}
+
+/// The parent chain again, just before commit: an image deleted or replaced by hand during the
+/// run must not leave a new image on a broken chain.
+pub(super) fn check_parent_unchanged(
+    repo: &Repository,
+    parent: Option<&(Manifest, format::Hash)>,
+    source: &Path,
+) -> Result<()> {
+    let Some((m, h)) = parent else {
+        return Ok(());
+    };
+    let chain = restorable_chain(repo, m).with_context(|| {
+        format!(
+            "backup of {} failed; the repository is unchanged: the parent chain broke during the backup",
+            source.display()
+        )
+    })?;
+    if chain.last().map(|i| i.manifest_hash) != Some(*h) {
+        bail!(
+            "backup of {} failed; the repository is unchanged: the parent image {} was replaced during the backup",
+            source.display(),
+            m.id
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
