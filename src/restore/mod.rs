@@ -8,18 +8,15 @@ mod table;
 mod target;
 
 use crate::chain::{self, Piece};
-use crate::device::{self, Access, DeviceInfo};
-use crate::progress::{human_bytes, Progress};
-use crate::repo::Repository;
-use anyhow::{anyhow, bail, Context, Result};
-use pipeline::{restore_pipeline, WriteOut, POOL_BUFFERS, QUEUE_DEPTH};
+use crate::progress::Progress;
+use crate::ptable::PartitionTable;
+use crate::repo::{Image, Repository};
+use anyhow::{bail, Context, Result};
 use readback::verify_target;
 use serde::Serialize;
-use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::time::Instant;
-use table::{image_table, reread_partitions, ImageReader};
-use target::{check_fits, prepare_target, probe_target};
+use target::{prepare_target, probe_target};
 
 pub struct RestoreOptions {
     pub repo: PathBuf,
@@ -67,6 +64,89 @@ pub fn select_image(repo: &Repository, name: Option<&str>, image: Option<&str>) 
 
 pub fn run(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> {
     let started = Instant::now();
+    let (id, chain) = open_restore_point(opts)?;
+    let m = &chain.last().expect("non-empty chain").manifest;
+    let image_size = m.source.size;
+    let tinfo = probe_target(&opts.target)?;
+    let table = table::read_table(&chain, &id, m, opts)?;
+    let (start, end, needed) = target::range_to_write(opts, &id, m, table.as_ref())?;
+    let restore = Restore {
+        opts,
+        id,
+        image_size,
+        whole: opts.partition.is_none(),
+        table,
+        chain,
+    };
+    if opts.grow_last_partition && restore.table.is_none() {
+        bail!(
+            "--grow-last-partition: image {} has no partition table",
+            restore.id
+        );
+    }
+
+    // Size and sector checks, before anything is written.
+    let target_size = match &tinfo {
+        Some(info) if info.is_block() => info.size,
+        _ => needed,
+    };
+    let end = target::check_size(&restore, tinfo.as_ref(), end, needed)?;
+    target::check_table_fits(&restore, target_size)?;
+    let target = prepare_target(&opts.target, &opts.repo, tinfo.as_ref(), opts.yes)?;
+    // Every stored block this restore uses is read and checked before the first write.
+    chain::precheck(&restore.chain, (start, end), progress).with_context(|| {
+        format!(
+            "image {} cannot be restored; nothing was written",
+            restore.id
+        )
+    })?;
+
+    let range = Range { start, end };
+    let written = pipeline::write_target(&restore, range, needed, &target, progress)?;
+    let verified = opts.verify && read_back(&restore, range, progress)?;
+    let (table_change, hints) =
+        table::fit_to_target(&restore, &target, target_size, verified, written.tail_file)?;
+    Ok(RestoreReport {
+        id: restore.id.clone(),
+        name: restore.manifest().name.clone(),
+        chain: restore.chain.iter().map(|i| i.id().to_string()).collect(),
+        target: opts.target.display().to_string(),
+        source_size: image_size,
+        target_size,
+        partition: opts.partition,
+        range: [start, end],
+        bytes_written: written.bytes_written,
+        bytes_zeroed: written.bytes_zeroed,
+        verified,
+        partition_table: table_change,
+        hints,
+        duration_ms: started.elapsed().as_millis() as u64,
+        io: written.io,
+    })
+}
+
+/// One restore, as its checks and steps see it.
+struct Restore<'a> {
+    opts: &'a RestoreOptions,
+    id: String,
+    /// The restore point, oldest image first.
+    chain: Vec<Image>,
+    image_size: u64,
+    /// The partition table as the image holds it (authoritative for this restore point).
+    table: Option<PartitionTable>,
+    /// A whole-image restore (not `--partition`).
+    whole: bool,
+}
+
+impl Restore<'_> {
+    /// The manifest of the restore point's image.
+    fn manifest(&self) -> &crate::format::Manifest {
+        &self.chain.last().expect("non-empty chain").manifest
+    }
+}
+
+/// The image asked for and its restore point, checked complete.
+fn open_restore_point(opts: &RestoreOptions) -> Result<(String, Vec<Image>)> {
     let repo = Repository::open(&opts.repo)?;
     let id = select_image(&repo, opts.name.as_deref(), opts.image.as_deref())?;
     let chain =
@@ -84,281 +164,19 @@ pub fn run(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> 
             unreadable.len()
         );
     }
-    let target_img = chain.last().expect("non-empty chain");
-    let m = &target_img.manifest;
-    let image_size = m.source.size;
-    let tpath = &opts.target;
+    Ok((id, chain))
+}
 
-    let tinfo = probe_target(tpath)?;
-    let is_block = tinfo.as_ref().is_some_and(DeviceInfo::is_block);
-    // The partition table as the image holds it (authoritative for this restore point).
-    let table = if m.source.kind == "partition" {
-        None
-    } else {
-        use crate::ptable::ReadError;
-        match image_table(&chain) {
-            Ok(t) => t,
-            Err(ReadError::Io(e)) => {
-                return Err(e.context(format!(
-                    "image {id} cannot be restored: the blocks holding its partition table could not be read; nothing was written"
-                )))
-            }
-            Err(ReadError::Table(e)) if opts.partition.is_some() || opts.grow_last_partition => {
-                return Err(e.context(format!("image {id}: cannot read its partition table")))
-            }
-            Err(ReadError::Table(e)) => {
-                tracing::warn!(
-                    "image {id}: its partition table is not one cairn can read ({e:#}); restoring its bytes as they are, without fitting the table to the target's size or checking the target's sector size against it"
-                );
-                None
-            }
-        }
-    };
-
-    // What to write: the byte range [start, end) of the image, at target offset (offset - start).
-    let (start, end, needed) = if let Some(n) = opts.partition {
-        if opts.grow_last_partition {
-            bail!("--grow-last-partition applies to whole-disk restores, not to --partition");
-        }
-        let t = table.as_ref().ok_or_else(|| {
-            anyhow!(
-                "image {id} ({}, a {}) has no partition table, so it has no partition {n}",
-                m.source.path,
-                m.source.kind
-            )
-        })?;
-        let p = t.partition(n).ok_or_else(|| {
-            anyhow!(
-                "image {id} has no partition {n}; its partitions are {}",
-                t.partitions
-                    .iter()
-                    .map(|p| format!("{} ({})", p.number, human_bytes(p.size)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        })?;
-        if p.extended {
-            bail!("partition {n} of image {id} is an extended partition (a container); restore the logical partitions in it");
-        }
-        if p.end() > image_size {
-            bail!("partition {n} of image {id} ends at byte {}, beyond the image's {image_size} bytes", p.end());
-        }
-        (p.start, p.end(), p.size)
-    } else {
-        (0, image_size, image_size)
-    };
-    let whole = opts.partition.is_none();
-    if opts.grow_last_partition && table.is_none() {
-        bail!("--grow-last-partition: image {id} has no partition table");
-    }
-
-    // Size and sector checks, before anything is written.
-    let target_size = match &tinfo {
-        Some(info) if info.is_block() => info.size,
-        _ => needed,
-    };
-    let mut end = end;
-    if let (Some(info), true) = (&tinfo, is_block) {
-        if whole {
-            if let Some(t) = &table {
-                if info.logical_sector_size != t.sector_size {
-                    bail!(
-                        "image {id} is of a disk with {}-byte logical sectors and a {} partition table, but target {} has {}-byte sectors: every partition would be at the wrong place; restore onto a drive with {}-byte sectors, or restore single partitions with --partition N",
-                        t.sector_size,
-                        t.kind.as_str().to_uppercase(),
-                        tpath.display(),
-                        info.logical_sector_size,
-                        t.sector_size
-                    );
-                }
-            }
-        }
-        if info.size < needed {
-            match (&table, whole) {
-                (Some(t), true) => {
-                    check_fits(&chain, t, image_size, info.size, tpath)?;
-                    end = info.size;
-                }
-                (None, true) => bail!(
-                    "target {} is too small: {} bytes, the image needs {} bytes (it has no partition table cairn could fit onto a smaller drive)",
-                    tpath.display(),
-                    info.size,
-                    needed
-                ),
-                (_, false) => bail!(
-                    "target {} is too small: {} bytes, partition {} is {} bytes",
-                    tpath.display(),
-                    info.size,
-                    opts.partition.unwrap_or(0),
-                    needed
-                ),
-            }
-        }
-    }
-    if let (Some(t), true) = (&table, whole) {
-        if opts.grow_last_partition {
-            crate::ptable::check_growable(t, target_size)
-                .with_context(|| format!("image {id}: nothing was written"))?;
-        }
-        let resized = target_size != image_size || opts.grow_last_partition;
-        if t.kind == crate::ptable::TableKind::Gpt && resized {
-            let mut r = ImageReader::new(&chain)?;
-            crate::ptable::check_relocatable(&mut r, u64::from(t.sector_size)).with_context(
-                || {
-                    format!(
-                        "image {id}'s GPT cannot be fitted to a drive of another size ({} bytes; the image is {image_size}); nothing was written",
-                        target_size
-                    )
-                },
-            )?;
-        }
-    }
-    let target = prepare_target(tpath, &opts.repo, tinfo.as_ref(), opts.yes)?;
-    // Every stored block this restore uses is read and checked before the first write.
-    chain::precheck(&chain, (start, end), progress)
-        .with_context(|| format!("image {id} cannot be restored; nothing was written"))?;
-
-    let buffers = device::buf::pool(POOL_BUFFERS, m.block_size as usize);
-    let mut handle = device::open(tpath, Access::Write, target.is_block, QUEUE_DEPTH, &buffers)?;
-    let io = handle.queue.describe();
-    if !target.is_block {
-        handle
-            .file
-            .set_len(needed)
-            .with_context(|| format!("cannot size {}", tpath.display()))?;
-    }
-    // Unaligned pieces cannot go through O_DIRECT; they are written through a buffered descriptor.
-    let tail_file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(tpath)
-        .with_context(|| format!("cannot open {}", tpath.display()))?;
-    let what = match opts.partition {
-        Some(n) => format!("partition {n} of image {id}"),
-        None => format!("image {id}"),
-    };
-    tracing::info!(
-        "restoring {what} ({} images in chain) onto {} [{io}]",
-        chain.len(),
-        tpath.display()
-    );
-    progress.start(end - start, &format!("{id} → {}", tpath.display()));
-
-    let mut bytes_written = 0u64;
-    let mut bytes_zeroed = 0u64;
-    let range = Range { start, end };
-    let write_result = restore_pipeline(
-        &chain,
-        range,
-        &mut handle,
-        buffers,
-        |w| {
-            match w {
-                WriteOut::Zero { offset, len } => {
-                    if !target.fresh_file {
-                        device::zero_range(&tail_file, target.is_block, offset, len)?;
-                    }
-                    bytes_zeroed += len;
-                    progress.advance(len);
-                }
-                WriteOut::Data { len } => {
-                    bytes_written += len;
-                    progress.advance(len);
-                }
-            }
-            Ok(())
-        },
-        &tail_file,
-    );
-    progress.finish();
-    write_result.with_context(|| {
+/// `--verify`: true once the target matched the image.
+fn read_back(restore: &Restore, range: Range, progress: &Progress) -> Result<bool> {
+    let tpath = &restore.opts.target;
+    verify_target(&restore.chain, range, tpath, progress).with_context(|| {
         format!(
-            "restore of {what} onto {} failed; the target is only partly written",
+            "verification of {} after the restore failed",
             tpath.display()
         )
     })?;
-    handle.file.sync_all().context("flushing the target")?;
-    tail_file.sync_all().context("flushing the target")?;
-    drop(handle);
-
-    let verified = if opts.verify {
-        verify_target(&chain, range, tpath, progress).with_context(|| {
-            format!(
-                "verification of {} after the restore failed",
-                tpath.display()
-            )
-        })?;
-        true
-    } else {
-        false
-    };
-
-    let mut hints = Vec::new();
-    // A GPT the target held before (its backup header in the last sector, beyond the image) would
-    // make tools see a damaged GPT next to the restored MBR or bare data.
-    let gpt_image = table
-        .as_ref()
-        .is_some_and(|t| t.kind == crate::ptable::TableKind::Gpt);
-    if whole && target.is_block && target_size > image_size && !gpt_image {
-        crate::ptable::clear_stale_gpt_backup(&tail_file, image_size, target_size)
-            .context("clearing the target's old GPT backup header")?;
-    }
-    let mut table_change = None;
-    if let (Some(t), true) = (&table, whole) {
-        let mut f = tail_file;
-        table_change = crate::ptable::fit_to_target(
-            &mut f,
-            t,
-            image_size,
-            target_size,
-            opts.grow_last_partition,
-        )
-        .with_context(|| {
-            format!(
-                "the data of image {id} is on {}, but its partition table could not be fitted to the drive",
-                tpath.display()
-            )
-        })?;
-        if verified && t.kind == crate::ptable::TableKind::Gpt {
-            crate::ptable::check_gpt(&mut f, u64::from(t.sector_size), target_size)
-                .context("verifying the partition table after the restore")?;
-        }
-        if let Some(g) = table_change.as_ref().and_then(|c| c.grown.as_ref()) {
-            let base = tpath.display().to_string();
-            let dev = if base.ends_with(|c: char| c.is_ascii_digit()) {
-                format!("{base}p{}", g.number)
-            } else {
-                format!("{base}{}", g.number)
-            };
-            hints.push(format!(
-                "partition {} grew from {} to {}; grow its filesystem to match: e2fsck -f {dev} && resize2fs {dev} (ext2/3/4), or mount it and run xfs_growfs MOUNTPOINT (xfs) or btrfs filesystem resize max MOUNTPOINT (btrfs)",
-                g.number,
-                human_bytes(g.old_size),
-                human_bytes(g.new_size)
-            ));
-        }
-        if target.is_block {
-            reread_partitions(tpath);
-        }
-    }
-
-    Ok(RestoreReport {
-        id: id.clone(),
-        name: m.name.clone(),
-        chain: chain.iter().map(|i| i.id().to_string()).collect(),
-        target: tpath.display().to_string(),
-        source_size: image_size,
-        target_size,
-        partition: opts.partition,
-        range: [start, end],
-        bytes_written,
-        bytes_zeroed,
-        verified,
-        partition_table: table_change,
-        hints,
-        duration_ms: started.elapsed().as_millis() as u64,
-        io,
-    })
+    Ok(true)
 }
 
 /// The byte range of the image a restore writes; it lands at target offset `offset - start`.

@@ -1,19 +1,22 @@
 //! Restore's ordered pipeline: repository reader → decoders → target writer.
 
-use super::Range;
+use super::target::Target;
+use super::{Range, Restore};
 use crate::chain::{Piece, Planner, Source};
-use crate::device::{self, buf::AlignedBuf, queue::Op, queue::Request};
+use crate::device::{self, buf::AlignedBuf, queue::Op, queue::Request, Access};
+use crate::progress::Progress;
 use crate::reader::{self, ChainReader, Payload};
 use crate::repo::Image;
 use anyhow::{Context, Result};
 use crossbeam_channel::{Receiver, Sender};
+use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 
-pub(super) const QUEUE_DEPTH: usize = 8;
-pub(super) const POOL_BUFFERS: usize = 16;
+const QUEUE_DEPTH: usize = 8;
+const POOL_BUFFERS: usize = 16;
 
 /// What the writer did with one job, for accounting.
-pub(super) enum WriteOut {
+enum WriteOut {
     Zero { offset: u64, len: u64 },
     Data { len: u64 },
 }
@@ -58,7 +61,7 @@ enum Decoded {
 
 /// Restore's use of the ordered pipeline: the repository reader produces checked payloads in
 /// block order, the stage decodes and checks them, the target writer writes in order.
-pub(super) fn restore_pipeline(
+fn restore_pipeline(
     chain: &[Image],
     range: Range,
     handle: &mut device::Handle,
@@ -265,4 +268,96 @@ impl<A: FnMut(WriteOut) -> Result<()>> crate::pipeline::Consumer<Decoded> for Ta
         self.reap()?;
         Ok(true)
     }
+}
+
+/// What writing the target did.
+pub(super) struct Written {
+    pub(super) bytes_written: u64,
+    pub(super) bytes_zeroed: u64,
+    pub(super) io: String,
+    /// The buffered descriptor of the target, for the partition-table work after the data.
+    pub(super) tail_file: std::fs::File,
+}
+
+/// Writes the image's `range` onto the target and flushes it.
+pub(super) fn write_target(
+    restore: &Restore,
+    range: Range,
+    needed: u64,
+    target: &Target,
+    progress: &Progress,
+) -> Result<Written> {
+    let (chain, id, opts) = (&restore.chain, &restore.id, restore.opts);
+    let tpath = &opts.target;
+    let block_size = restore.manifest().block_size;
+    let buffers = device::buf::pool(POOL_BUFFERS, block_size as usize);
+    let mut handle = device::open(tpath, Access::Write, target.is_block, QUEUE_DEPTH, &buffers)?;
+    let io = handle.queue.describe();
+    if !target.is_block {
+        handle
+            .file
+            .set_len(needed)
+            .with_context(|| format!("cannot size {}", tpath.display()))?;
+    }
+    // Unaligned pieces cannot go through O_DIRECT; they are written through a buffered descriptor.
+    let tail_file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(tpath)
+        .with_context(|| format!("cannot open {}", tpath.display()))?;
+    let what = match opts.partition {
+        Some(n) => format!("partition {n} of image {id}"),
+        None => format!("image {id}"),
+    };
+    tracing::info!(
+        "restoring {what} ({} images in chain) onto {} [{io}]",
+        chain.len(),
+        tpath.display()
+    );
+    progress.start(
+        range.end - range.start,
+        &format!("{id} → {}", tpath.display()),
+    );
+
+    let mut bytes_written = 0u64;
+    let mut bytes_zeroed = 0u64;
+    let write_result = restore_pipeline(
+        chain,
+        range,
+        &mut handle,
+        buffers,
+        |w| {
+            match w {
+                WriteOut::Zero { offset, len } => {
+                    if !target.fresh_file {
+                        device::zero_range(&tail_file, target.is_block, offset, len)?;
+                    }
+                    bytes_zeroed += len;
+                    progress.advance(len);
+                }
+                WriteOut::Data { len } => {
+                    bytes_written += len;
+                    progress.advance(len);
+                }
+            }
+            Ok(())
+        },
+        &tail_file,
+    );
+    progress.finish();
+    write_result.with_context(|| {
+        format!(
+            "restore of {what} onto {} failed; the target is only partly written",
+            tpath.display()
+        )
+    })?;
+    handle.file.sync_all().context("flushing the target")?;
+    tail_file.sync_all().context("flushing the target")?;
+    drop(handle);
+    Ok(Written {
+        bytes_written,
+        bytes_zeroed,
+        io,
+        tail_file,
+    })
 }

@@ -1,9 +1,12 @@
 //! The target: what it is, whether the image fits it, and the owner's consent to overwrite it.
 
-use super::Range;
+use super::table::ImageReader;
+use super::{Range, Restore, RestoreOptions};
 use crate::chain::{Planner, Source};
 use crate::device::{self, DeviceInfo};
+use crate::format::Manifest;
 use crate::progress::human_bytes;
+use crate::ptable::PartitionTable;
 use crate::reader::BlockDecoder;
 use crate::repo::Image;
 use anyhow::{anyhow, bail, Context, Result};
@@ -112,7 +115,7 @@ fn confirm(what: &str, yes: bool) -> Result<()> {
 /// the partitions may lie where the target has no room (beyond its end, or where the relocated GPT
 /// backup goes) — other than the image's own GPT backup, which is relocated. Decodes only blocks that
 /// have data in that region.
-pub(super) fn check_fits(
+fn check_fits(
     chain: &[Image],
     table: &crate::ptable::PartitionTable,
     image_size: u64,
@@ -189,6 +192,124 @@ pub(super) fn check_fits(
             "{sizes}; the image holds data outside its partitions from byte {at} to byte {last_end}, beyond byte {limit} where this target's room ends (partitions end by byte {}): refusing to cut it off. It needs a drive of at least {need} bytes",
             table.partitions_end()
         );
+    }
+    Ok(())
+}
+
+/// What to write: the byte range [start, end) of the image, at target offset (offset - start),
+/// and how many bytes the target needs for it.
+pub(super) fn range_to_write(
+    opts: &RestoreOptions,
+    id: &str,
+    m: &Manifest,
+    table: Option<&PartitionTable>,
+) -> Result<(u64, u64, u64)> {
+    let image_size = m.source.size;
+    let Some(n) = opts.partition else {
+        return Ok((0, image_size, image_size));
+    };
+    if opts.grow_last_partition {
+        bail!("--grow-last-partition applies to whole-disk restores, not to --partition");
+    }
+    let t = table.ok_or_else(|| {
+        anyhow!(
+            "image {id} ({}, a {}) has no partition table, so it has no partition {n}",
+            m.source.path,
+            m.source.kind
+        )
+    })?;
+    let p = t.partition(n).ok_or_else(|| {
+        anyhow!(
+            "image {id} has no partition {n}; its partitions are {}",
+            t.partitions
+                .iter()
+                .map(|p| format!("{} ({})", p.number, human_bytes(p.size)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })?;
+    if p.extended {
+        bail!("partition {n} of image {id} is an extended partition (a container); restore the logical partitions in it");
+    }
+    if p.end() > image_size {
+        bail!(
+            "partition {n} of image {id} ends at byte {}, beyond the image's {image_size} bytes",
+            p.end()
+        );
+    }
+    Ok((p.start, p.end(), p.size))
+}
+
+/// The sector-size and size checks against a target device; returns where the written range
+/// ends (before `end` when the image is fitted onto a smaller drive).
+pub(super) fn check_size(
+    restore: &Restore,
+    tinfo: Option<&DeviceInfo>,
+    end: u64,
+    needed: u64,
+) -> Result<u64> {
+    let (id, tpath) = (&restore.id, &restore.opts.target);
+    let Some(info) = tinfo.filter(|i| i.is_block()) else {
+        return Ok(end);
+    };
+    if restore.whole {
+        if let Some(t) = &restore.table {
+            if info.logical_sector_size != t.sector_size {
+                bail!(
+                    "image {id} is of a disk with {}-byte logical sectors and a {} partition table, but target {} has {}-byte sectors: every partition would be at the wrong place; restore onto a drive with {}-byte sectors, or restore single partitions with --partition N",
+                    t.sector_size,
+                    t.kind.as_str().to_uppercase(),
+                    tpath.display(),
+                    info.logical_sector_size,
+                    t.sector_size
+                );
+            }
+        }
+    }
+    if info.size >= needed {
+        return Ok(end);
+    }
+    match (&restore.table, restore.whole) {
+        (Some(t), true) => {
+            check_fits(&restore.chain, t, restore.image_size, info.size, tpath)?;
+            Ok(info.size)
+        }
+        (None, true) => bail!(
+            "target {} is too small: {} bytes, the image needs {} bytes (it has no partition table cairn could fit onto a smaller drive)",
+            tpath.display(),
+            info.size,
+            needed
+        ),
+        (_, false) => bail!(
+            "target {} is too small: {} bytes, partition {} is {} bytes",
+            tpath.display(),
+            info.size,
+            restore.opts.partition.unwrap_or(0),
+            needed
+        ),
+    }
+}
+
+/// A whole-disk table that must change to fit the target: can it (a last partition that can
+/// grow, a GPT that can be relocated)?
+pub(super) fn check_table_fits(restore: &Restore, target_size: u64) -> Result<()> {
+    let (Some(t), true) = (&restore.table, restore.whole) else {
+        return Ok(());
+    };
+    let (id, image_size, opts) = (&restore.id, restore.image_size, restore.opts);
+    if opts.grow_last_partition {
+        crate::ptable::check_growable(t, target_size)
+            .with_context(|| format!("image {id}: nothing was written"))?;
+    }
+    let resized = target_size != image_size || opts.grow_last_partition;
+    if t.kind == crate::ptable::TableKind::Gpt && resized {
+        let mut r = ImageReader::new(&restore.chain)?;
+        crate::ptable::check_relocatable(&mut r, u64::from(t.sector_size)).with_context(|| {
+            format!(
+                "image {id}'s GPT cannot be fitted to a drive of another size ({} bytes; the image is {image_size}); nothing was written",
+                target_size
+            )
+        })?;
     }
     Ok(())
 }
