@@ -22,7 +22,7 @@ use crate::device::{self, buf::AlignedBuf, Access, DeviceInfo};
 use crate::format::manifest::Stats;
 use crate::format::{self, ImageKind, Method, SourceIdentity};
 use crate::progress::Progress;
-use crate::repo::{Image, ImageWriter, Repository};
+use crate::repo::{Catalogue, Image, ImageWriter, RepoLock, Repository};
 use crate::tracker;
 use anyhow::{bail, Context, Result};
 use plan::{Decision, Plan, Work};
@@ -120,64 +120,8 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
 
     let name = image_name(opts, &info)?;
     let catalogue = repo.catalogue()?;
-    let Decision {
-        kind,
-        parent,
-        parent_chain,
-        note,
-        fallback,
-    } = plan::decide(&repo, &catalogue, opts.kind, &name);
-    let granule = parent.as_ref().map_or(format::GRANULE, |(m, _)| m.granule);
-    let block_size = parent
-        .as_ref()
-        .map_or(opts.block_size, |(m, _)| m.block_size);
-    // The tracker is asked for every backup, a full included: the cut starts (or continues) the
-    // history the next incremental proves its continuity against.
-    let consumer = format!("{}/{}", repo.identity(), name);
-    let tracking = plan::ask_tracker(
-        &opts.state_dir,
-        &info,
-        &consumer,
-        kind,
-        parent.as_ref(),
-        granule,
-    );
-    let (method, method_reason) = plan::choose_method(kind, fallback, &tracking);
-
-    let created_unix = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let id = repo.new_image_id(created_unix, &lock);
-    let mut writer = repo.begin_image(&id, opts.segment_size, &lock)?;
-    // What to compare with: the parent chain, checked restorable above (dropped when not needed,
-    // as it holds every index of the chain).
-    let base_chain: Vec<Image> = if method == Method::CompareScan {
-        parent_chain
-    } else {
-        drop(parent_chain);
-        Vec::new()
-    };
-    let work = plan::work_for(
-        method,
-        tracking.cut.as_ref(),
-        granule,
-        block_size,
-        info.size,
-    );
-    let plan = Plan {
-        id,
-        name,
-        kind,
-        parent,
-        note,
-        method,
-        method_reason,
-        granule,
-        block_size,
-        created_unix,
-        work,
-    };
+    let (plan, base_chain, tracking) = make_plan(opts, &info, &repo, &catalogue, &lock, name);
+    let mut writer = repo.begin_image(&plan.id, opts.segment_size, &lock)?;
 
     let stored = read_and_store(opts, &info, &plan, &base_chain, &mut writer, progress)?;
     drop(base_chain);
@@ -206,6 +150,76 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
         stored.bad_ranges,
         started,
     ))
+}
+
+/// Decides the new image's kind, parent and method (asking the tracker), and names it. Returns
+/// the base chain a compare-scan compares with (empty otherwise).
+fn make_plan(
+    opts: &BackupOptions,
+    info: &DeviceInfo,
+    repo: &Repository,
+    catalogue: &Catalogue,
+    lock: &RepoLock,
+    name: String,
+) -> (Plan, Vec<Image>, plan::Tracking) {
+    let Decision {
+        kind,
+        parent,
+        parent_chain,
+        note,
+        fallback,
+    } = plan::decide(repo, catalogue, opts.kind, &name);
+    let granule = parent.as_ref().map_or(format::GRANULE, |(m, _)| m.granule);
+    let block_size = parent
+        .as_ref()
+        .map_or(opts.block_size, |(m, _)| m.block_size);
+    // The tracker is asked for every backup, a full included: the cut starts (or continues) the
+    // history the next incremental proves its continuity against.
+    let consumer = format!("{}/{}", repo.identity(), name);
+    let tracking = plan::ask_tracker(
+        &opts.state_dir,
+        info,
+        &consumer,
+        kind,
+        parent.as_ref(),
+        granule,
+    );
+    let (method, method_reason) = plan::choose_method(kind, fallback, &tracking);
+
+    let created_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let id = repo.new_image_id(created_unix, lock);
+    // What to compare with: the parent chain, checked restorable above (dropped when not needed,
+    // as it holds every index of the chain).
+    let base_chain: Vec<Image> = if method == Method::CompareScan {
+        parent_chain
+    } else {
+        drop(parent_chain);
+        Vec::new()
+    };
+    let work = plan::work_for(
+        method,
+        tracking.cut.as_ref(),
+        granule,
+        block_size,
+        info.size,
+    );
+    let plan = Plan {
+        id,
+        name,
+        kind,
+        parent,
+        note,
+        method,
+        method_reason,
+        granule,
+        block_size,
+        created_unix,
+        work,
+    };
+    (plan, base_chain, tracking)
 }
 
 /// Probes the source and refuses one that cannot be backed up (empty, or holding the repository).

@@ -118,7 +118,7 @@ pub(super) fn read_all(
     work_tx: Sender<ReadUnit>,
 ) -> Result<Vec<(u64, u64)>> {
     let bs = u64::from(geo.block_size);
-    let mut bad: Vec<(u64, u64)> = Vec::new();
+    let mut bad = BadMap::default();
     let faults = device::fault::Faults::from_env();
     let blocks = geo.size.div_ceil(bs);
     let mut planner = match work {
@@ -149,14 +149,12 @@ pub(super) fn read_all(
     let q = &mut handle.queue;
     let mut next = 0u64;
     let mut reached = 0u64;
-    let mut failed_reads = 0usize;
-    let mut bad_bytes = 0u64;
     loop {
         while next < total && q.in_flight() < q.depth() {
             let buf = if q.in_flight() == 0 {
                 match free_rx.recv() {
                     Ok(b) => b,
-                    Err(_) => return Ok(bad), // writer stopped; its error is reported
+                    Err(_) => return Ok(bad.ranges), // writer stopped; its error is reported
                 }
             } else {
                 match free_rx.try_recv() {
@@ -197,7 +195,7 @@ pub(super) fn read_all(
         if q.in_flight() == 0 {
             // A device that grew or shrank without failing a read is caught here.
             watch.check(reached)?;
-            return Ok(bad);
+            return Ok(bad.ranges);
         }
         let mut c = q.wait().context("waiting for a read")?;
         let (_, want) = unit(c.tag);
@@ -209,8 +207,8 @@ pub(super) fn read_all(
             watch.check(reached)?;
             // A failing disk: do not give up on the image. Narrow the failure down to the
             // unreadable sectors and record where they are.
-            failed_reads += 1;
-            if failed_reads <= LOGGED_BAD_RANGES {
+            bad.failed_reads += 1;
+            if bad.failed_reads <= LOGGED_BAD_RANGES {
                 tracing::warn!(
                     "read error at offset {} ({}); narrowing it down to the unreadable sectors",
                     c.offset,
@@ -227,53 +225,7 @@ pub(super) fn read_all(
             .map_err(|e| watch.fatal(c.offset, &e))?;
             // Reads that failed because the device died meanwhile are not bad sectors.
             watch.check(reached)?;
-            for (o, l) in found {
-                if bad.len() < LOGGED_BAD_RANGES {
-                    tracing::warn!(
-                        "unreadable: {l} bytes at offset {o}, {}",
-                        if store_unreadable {
-                            "stored as zeros"
-                        } else {
-                            "the parent chain's data stays for the granules around them"
-                        }
-                    );
-                } else if bad.len() == LOGGED_BAD_RANGES {
-                    tracing::warn!("more unreadable ranges follow; `cairn badmap` lists them all");
-                }
-                // Index entries are whole granules, so an image that stores nothing for a bad
-                // sector stores nothing for its granule either: the parent's data stands for all
-                // of it, and all of it is recorded (the rest of the granule was read, but a
-                // restore does not give what was read there).
-                let (o, l) = if store_unreadable {
-                    (o, l)
-                } else {
-                    let g = u64::from(geo.granule);
-                    let start = o / g * g;
-                    let end = ((o + l).div_ceil(g) * g).min(geo.size);
-                    (start, end - start)
-                };
-                if !store_unreadable {
-                    match skip.last_mut() {
-                        Some((so, sl)) if *so + *sl >= o => *sl = (*sl).max(o + l - *so),
-                        _ => skip.push((o, l)),
-                    }
-                }
-                match bad.last_mut() {
-                    Some((bo, bl)) if *bo + *bl >= o => {
-                        let grown = (*bl).max(o + l - *bo);
-                        bad_bytes += grown - *bl;
-                        *bl = grown;
-                    }
-                    _ => {
-                        bad_bytes += l;
-                        bad.push((o, l));
-                    }
-                }
-            }
-            let total = bad_bytes;
-            if let Some(max) = geo.max_bad.filter(|&m| total > m) {
-                bail!("{total} bytes of the source are unreadable, more than --max-bad allows ({max} bytes); giving up (see `cairn backup --help` on --max-bad)");
-            }
+            skip = bad.record(found, &geo, store_unreadable)?;
         }
         let unit = ReadUnit {
             seq: c.tag,
@@ -284,7 +236,77 @@ pub(super) fn read_all(
             skip,
         };
         if work_tx.send(unit).is_err() {
-            return Ok(bad);
+            return Ok(bad.ranges);
         }
+    }
+}
+
+/// The unreadable ranges found so far.
+#[derive(Default)]
+struct BadMap {
+    /// Ascending, disjoint (offset, length) ranges.
+    ranges: Vec<(u64, u64)>,
+    bytes: u64,
+    failed_reads: usize,
+}
+
+impl BadMap {
+    /// Records the unreadable ranges `found` in one read; returns the ranges the image stores
+    /// nothing for (none when `store_unreadable`).
+    fn record(
+        &mut self,
+        found: Vec<(u64, u64)>,
+        geo: &Geometry,
+        store_unreadable: bool,
+    ) -> Result<Vec<(u64, u64)>> {
+        let mut skip: Vec<(u64, u64)> = Vec::new();
+        for (o, l) in found {
+            if self.ranges.len() < LOGGED_BAD_RANGES {
+                tracing::warn!(
+                    "unreadable: {l} bytes at offset {o}, {}",
+                    if store_unreadable {
+                        "stored as zeros"
+                    } else {
+                        "the parent chain's data stays for the granules around them"
+                    }
+                );
+            } else if self.ranges.len() == LOGGED_BAD_RANGES {
+                tracing::warn!("more unreadable ranges follow; `cairn badmap` lists them all");
+            }
+            // Index entries are whole granules, so an image that stores nothing for a bad
+            // sector stores nothing for its granule either: the parent's data stands for all
+            // of it, and all of it is recorded (the rest of the granule was read, but a
+            // restore does not give what was read there).
+            let (o, l) = if store_unreadable {
+                (o, l)
+            } else {
+                let g = u64::from(geo.granule);
+                let start = o / g * g;
+                let end = ((o + l).div_ceil(g) * g).min(geo.size);
+                (start, end - start)
+            };
+            if !store_unreadable {
+                match skip.last_mut() {
+                    Some((so, sl)) if *so + *sl >= o => *sl = (*sl).max(o + l - *so),
+                    _ => skip.push((o, l)),
+                }
+            }
+            match self.ranges.last_mut() {
+                Some((bo, bl)) if *bo + *bl >= o => {
+                    let grown = (*bl).max(o + l - *bo);
+                    self.bytes += grown - *bl;
+                    *bl = grown;
+                }
+                _ => {
+                    self.bytes += l;
+                    self.ranges.push((o, l));
+                }
+            }
+        }
+        let total = self.bytes;
+        if let Some(max) = geo.max_bad.filter(|&m| total > m) {
+            bail!("{total} bytes of the source are unreadable, more than --max-bad allows ({max} bytes); giving up (see `cairn backup --help` on --max-bad)");
+        }
+        Ok(skip)
     }
 }
