@@ -78,11 +78,9 @@ pub fn run(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> 
         table,
         chain,
     };
+    let id = &restore.id;
     if opts.grow_last_partition && restore.table.is_none() {
-        bail!(
-            "--grow-last-partition: image {} has no partition table",
-            restore.id
-        );
+        bail!("--grow-last-partition: image {id} has no partition table");
     }
 
     // Size and sector checks, before anything is written.
@@ -94,12 +92,8 @@ pub fn run(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> 
     target::check_table_fits(&restore, target_size)?;
     let target = prepare_target(&opts.target, &opts.repo, tinfo.as_ref(), opts.yes)?;
     // Every stored block this restore uses is read and checked before the first write.
-    chain::precheck(&restore.chain, (start, end), progress).with_context(|| {
-        format!(
-            "image {} cannot be restored; nothing was written",
-            restore.id
-        )
-    })?;
+    chain::precheck(&restore.chain, (start, end), progress)
+        .with_context(|| format!("image {id} cannot be restored; nothing was written"))?;
 
     let range = Range { start, end };
     let written = pipeline::write_target(&restore, range, needed, &target, progress)?;
