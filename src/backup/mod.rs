@@ -260,8 +260,8 @@ fn image_name(opts: &BackupOptions, info: &DeviceInfo) -> Result<String> {
 /// What reading the source stored.
 struct Stored {
     stats: Stats,
-    /// The granule runs read.
-    found: Vec<(u64, u64)>,
+    /// The granule runs read, when the tracker needs them (a differential compare-scan).
+    found: Option<Vec<(u64, u64)>>,
     bad_ranges: BadRanges,
     io: String,
 }
@@ -305,7 +305,7 @@ fn read_and_store(
         sector: info.logical_sector_size.max(512) as usize,
         max_bad: opts.max_bad.limit(info.size),
     };
-    let mut sink = write::ImageSink::new(writer, plan.granule, plan.kind);
+    let mut sink = write::ImageSink::new(writer, plan.granule, plan.kind, repairs_tracker(plan));
     let bad_ranges = pipeline(
         handle,
         buffers,
@@ -334,18 +334,23 @@ fn read_and_store(
     })
 }
 
+/// A differential compare-scan tells the tracker every granule it read, so the tracker's
+/// since-last-full map can be rebuilt from what the image holds.
+fn repairs_tracker(plan: &Plan) -> bool {
+    plan.kind == ImageKind::Differential && plan.method == Method::CompareScan
+}
+
 /// Only now, with the image published, may the tracker forget what this image holds —
 /// except the unreadable ranges: their content is unknown, so the next backup reads them again.
 fn tell_tracker(
     session: Option<tracker::Session>,
     plan: &Plan,
-    found: Vec<(u64, u64)>,
+    found: Option<Vec<(u64, u64)>>,
     bad_ranges: &[(u64, u64)],
 ) {
     if let Some(s) = session {
-        let repair = (plan.kind == ImageKind::Differential && plan.method == Method::CompareScan)
-            .then_some(found);
-        if let Err(e) = s.commit(repair, bad_ranges) {
+        debug_assert_eq!(found.is_some(), repairs_tracker(plan));
+        if let Err(e) = s.commit(found, bad_ranges) {
             tracing::warn!("the tracker did not take the commit ({e:#}); the next backup will include these changes again");
         }
     }

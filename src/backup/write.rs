@@ -74,18 +74,24 @@ pub(super) struct ImageSink<'a> {
     /// An incremental or differential records zeros too: the parent chain may hold data there.
     explicit_zero: bool,
     pub(super) stats: Stats,
-    /// The granule runs read, for the tracker's repair of a differential.
-    pub(super) found: Vec<(u64, u64)>,
+    /// The granule runs read, for the tracker's repair of a differential compare-scan; None for
+    /// every other image, so a backup's memory does not grow with what it stores.
+    pub(super) found: Option<Vec<(u64, u64)>>,
 }
 
 impl<'a> ImageSink<'a> {
-    pub(super) fn new(writer: &'a mut ImageWriter, granule: u32, kind: ImageKind) -> Self {
+    pub(super) fn new(
+        writer: &'a mut ImageWriter,
+        granule: u32,
+        kind: ImageKind,
+        repairs_tracker: bool,
+    ) -> Self {
         ImageSink {
             writer,
             granule: u64::from(granule),
             explicit_zero: kind != ImageKind::Full,
             stats: Stats::default(),
-            found: Vec::new(),
+            found: repairs_tracker.then(Vec::new),
         }
     }
 
@@ -97,9 +103,11 @@ impl<'a> ImageSink<'a> {
                 out.offset / self.granule,
                 (out.offset + out.len).div_ceil(self.granule),
             );
-            match self.found.last_mut() {
-                Some((f, c)) if *f + *c == g0 => *c += g1 - g0,
-                _ => self.found.push((g0, g1 - g0)),
+            if let Some(found) = self.found.as_mut() {
+                match found.last_mut() {
+                    Some((f, c)) if *f + *c == g0 => *c += g1 - g0,
+                    _ => found.push((g0, g1 - g0)),
+                }
             }
             let Some((codec, payload)) = out.stored else {
                 self.stats.blocks_zero += 1;
