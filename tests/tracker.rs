@@ -271,8 +271,10 @@ fn direct_write(dev: &str, offset: u64, len: usize, seed: u64) {
 fn buffered_write(dev: &str, offset: u64, len: usize, seed: u64) {
     let mut f = OpenOptions::new().write(true).open(dev).unwrap();
     f.seek(SeekFrom::Start(offset)).unwrap();
-    f.write_all(&random_vec(seed, len)).unwrap();
-    f.sync_all().unwrap();
+    f.write_all(&random_vec(seed, len))
+        .unwrap_or_else(|e| panic!("buffered write of {len} bytes at {offset} of {dev}: {e}"));
+    f.sync_all()
+        .unwrap_or_else(|e| panic!("fsync of {dev} after a buffered write at {offset}: {e}"));
     drop(f);
     flush_bufs(dev);
 }
