@@ -354,6 +354,7 @@ fn torture(seed: u64) {
     let rounds = 8;
     for round in 0..rounds {
         let mut background: Option<std::thread::JoinHandle<()>> = None;
+        let mut race: Option<(u64, u64)> = None;
         if round > 0 {
             for op in 0..(3 + rng.below(5)) {
                 let s2 = seed * 1000 + round * 100 + op;
@@ -430,21 +431,25 @@ fn torture(seed: u64) {
                         }
                     }
                     _ => {
-                        // Writes racing with the backup itself: their final state must be in
-                        // the next image (this restore point is then not compared).
-                        // Drop p2's page cache first: O_DIRECT writes colliding with cached pages
-                        // make the kernel flag the device with EIO for the next fsync.
-                        flush_bufs(&p2);
-                        let p2c = p2.clone();
-                        let start = rng.below(60) * MIB;
-                        background = Some(thread::spawn(move || {
-                            for i in 0..64u64 {
-                                direct_write(&p2c, start + i * 65536, 65536, s2 + i);
-                            }
-                        }));
+                        // Writes racing with the backup itself, started after this round's other
+                        // writes (a buffered write to p2 while they run would collide with them).
+                        race = Some((rng.below(60) * MIB, s2));
                     }
                 }
             }
+        }
+        if let Some((start, s2)) = race {
+            // Their final state must be in the next image (this restore point is then not
+            // compared). Drop p2's page cache first: O_DIRECT writes colliding with cached pages
+            // make the kernel flag the device with EIO for the next fsync ("Page cache
+            // invalidation failure on direct I/O").
+            flush_bufs(&p2);
+            let p2c = p2.clone();
+            background = Some(thread::spawn(move || {
+                for i in 0..64u64 {
+                    direct_write(&p2c, start + i * 65536, 65536, s2 + i);
+                }
+            }));
         }
         tool("sync", "coreutils", &[]);
         // Quiesce the filesystem so the image and the copy see the same device.
