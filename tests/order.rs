@@ -9,10 +9,8 @@ use serde_json::Value;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::thread;
-use std::time::Duration;
+use std::path::Path;
+use std::process::{Command, Stdio};
 
 /// Overwrites `len` bytes at `offset` of a file with data from `seed`.
 fn scribble(path: &Path, offset: u64, len: usize, seed: u64) {
@@ -211,66 +209,6 @@ fn an_untracked_backup_after_a_middle_image_was_deleted_builds_on_the_last_resto
     assert_newest_restores_to(&repo, "t", &truth, &id_of(&r));
 }
 
-/// A `cairn tracker run` child with its own state directory; dropping it kills it and removes its
-/// kernel instance (as in tests/tracker.rs).
-struct Tracker {
-    child: Child,
-    state: PathBuf,
-    log: PathBuf,
-}
-
-impl Tracker {
-    fn start(dev: &str, state: &Path) -> Tracker {
-        let log = state.with_extension("log");
-        let logf = File::create(&log).unwrap();
-        let child = Command::new(bin())
-            .args(["tracker", "run", dev, "--interval-ms", "20"])
-            .env("CAIRN_STATE_DIR", state)
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf)
-            .spawn()
-            .expect("spawn tracker");
-        let mut t = Tracker {
-            child,
-            state: state.to_path_buf(),
-            log,
-        };
-        // Wait for a real condition: the daemon answers status.
-        for _ in 0..1000 {
-            let o = cairn_env(
-                &["tracker", "status", "--json"],
-                &[("CAIRN_STATE_DIR", s(&t.state))],
-            );
-            if o.status.success() && o.json()["running"] == Value::Bool(true) {
-                return t;
-            }
-            if let Ok(Some(st)) = t.child.try_wait() {
-                panic!(
-                    "tracker exited with {st}: {}",
-                    fs::read_to_string(&t.log).unwrap_or_default()
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        panic!(
-            "tracker did not come up: {}",
-            fs::read_to_string(&t.log).unwrap_or_default()
-        );
-    }
-}
-
-impl Drop for Tracker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new(bin())
-            .args(["tracker", "reset"])
-            .env("CAIRN_STATE_DIR", &self.state)
-            .output();
-    }
-}
-
 /// O_DIRECT write of `len` (a multiple of 4 KiB) random bytes at `offset` of a block device.
 fn direct_write(dev: &str, offset: u64, len: usize, seed: u64) {
     let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
@@ -310,7 +248,7 @@ fn a_tracked_backup_after_a_middle_image_was_deleted_builds_on_the_last_restorab
     let disk = LoopDev::new_zeroed(&w.join("disk.img"), 32 * MIB);
     let state = w.join("state");
     let repo = w.join("repo");
-    let _tracker = Tracker::start(&disk.dev, &state);
+    let _tracker = TrackerProc::start(&disk.dev, &state);
     let backup_tracked = || {
         let out = cairn_env(
             &["backup", &disk.dev, s(&repo), "--name", "disk", "--json"],

@@ -9,9 +9,6 @@ use common::*;
 use serde_json::Value;
 use std::fs::{self, File, OpenOptions};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::thread;
-use std::time::Duration;
 
 const MIB: u64 = 1 << 20;
 
@@ -120,60 +117,6 @@ fn unaligned_shrink_and_growth_keep_every_point_exact() {
     assert_verify_ok(&repo);
 }
 
-/// A running `cairn tracker run` with its own state directory; dropping it kills it and removes
-/// its kernel instance and state.
-struct Tracker {
-    child: std::process::Child,
-    state: PathBuf,
-}
-
-impl Tracker {
-    fn start(dev: &str, state: &Path) -> Tracker {
-        let log = File::create(state.with_extension("log")).unwrap();
-        let child = Command::new(bin())
-            .args(["tracker", "run", dev, "--interval-ms", "20"])
-            .env("CAIRN_STATE_DIR", state)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn tracker");
-        let mut t = Tracker {
-            child,
-            state: state.to_path_buf(),
-        };
-        // Wait for a real condition: the daemon answers status.
-        for _ in 0..1000 {
-            let o = cairn_env(
-                &["tracker", "status", "--json"],
-                &[("CAIRN_STATE_DIR", s(state))],
-            );
-            if o.status.success() && o.json()["running"] == Value::Bool(true) {
-                return t;
-            }
-            if let Ok(Some(st)) = t.child.try_wait() {
-                panic!(
-                    "tracker exited with {st}: {}",
-                    fs::read_to_string(state.with_extension("log")).unwrap_or_default()
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        panic!("tracker did not answer status within 10 s");
-    }
-}
-
-impl Drop for Tracker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = Command::new(bin())
-            .args(["tracker", "reset"])
-            .env("CAIRN_STATE_DIR", &self.state)
-            .output();
-    }
-}
-
 /// The same on a loop device resized under a running tracker (`losetup -c`): the size change
 /// breaks continuity, the compare-scans that follow must not inherit the full image's bytes past
 /// the shrunk size, and tracking resumes exactly afterwards.
@@ -189,7 +132,7 @@ fn loop_device_resized_under_a_running_tracker() {
     let dev = s(disk.path()).to_string();
     let state = w.join("state");
     let repo = w.join("repo");
-    let tracker = Tracker::start(&dev, &state);
+    let tracker = TrackerProc::start(&dev, &state);
     let backup_tracked = |what: &str| -> Value {
         let o = cairn_env(
             &["backup", &dev, s(&repo), "--name", "disk", "--json"],

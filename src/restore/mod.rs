@@ -196,4 +196,41 @@ impl Range {
             })
             .collect()
     }
+
+    /// The restore point's blocks that overlap the range, in order, as (the block's pieces, the
+    /// part of them inside the range). The walk starts at the range's first block, so a
+    /// one-partition restore plans nothing before its partition.
+    fn blocks<'a>(
+        self,
+        chain: &'a [Image],
+    ) -> impl Iterator<Item = Result<(Vec<Piece>, Vec<Piece>)>> + 'a {
+        let bs = u64::from(chain.last().expect("non-empty chain").manifest.block_size);
+        let mut planner = chain::Planner::new(chain);
+        let mut failed = planner.seek(self.start / bs).err();
+        let mut done = false;
+        std::iter::from_fn(move || loop {
+            if done {
+                return None;
+            }
+            if let Some(e) = failed.take() {
+                done = true;
+                return Some(Err(e));
+            }
+            let pieces = match planner.next()? {
+                Ok(p) => p,
+                Err(e) => {
+                    done = true;
+                    return Some(Err(e));
+                }
+            };
+            if pieces[0].offset >= self.end {
+                done = true;
+                return None;
+            }
+            let inside = self.clip(&pieces);
+            if !inside.is_empty() {
+                return Some(Ok((pieces, inside)));
+            }
+        })
+    }
 }

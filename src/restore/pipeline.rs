@@ -2,7 +2,7 @@
 
 use super::target::Target;
 use super::{Range, Restore};
-use crate::chain::{Piece, Planner, Source};
+use crate::chain::{Piece, Source};
 use crate::device::{self, buf::AlignedBuf, queue::Op, queue::Request, Access};
 use crate::progress::Progress;
 use crate::reader::{self, ChainReader, Payload};
@@ -99,48 +99,21 @@ fn read_jobs(
     free: Receiver<AlignedBuf>,
 ) -> Result<()> {
     let mut reader = ChainReader::new(chain);
-    let mut seq = 0u64;
-    let mut zero_run: Option<(u64, u64)> = None;
-    // A closed channel means the writer stopped; its error is the one reported.
-    let send = |job: Job| tx.send(job).is_ok();
-    for pieces in Planner::new(chain) {
-        let pieces = pieces?;
-        if pieces[0].offset >= range.end {
-            break;
-        }
-        let pieces = range.clip(&pieces);
-        if pieces.is_empty() {
-            continue;
-        }
+    let mut jobs = JobSender { tx, seq: 0 };
+    let mut zeros = ZeroRun(None);
+    // A failed send means the writer stopped; its error is the one reported.
+    for block in range.blocks(chain) {
+        let (_, pieces) = block?;
         let offset = pieces[0].offset;
         let len: u64 = pieces.iter().map(|p| p.len).sum();
         if pieces.len() == 1 && pieces[0].source == Source::Zero {
-            zero_run = match zero_run {
-                Some((o, l)) if o + l == offset => Some((o, l + len)),
-                Some((o, l)) => {
-                    if !send(Job::Zero {
-                        seq,
-                        offset: o,
-                        len: l,
-                    }) {
-                        return Ok(());
-                    }
-                    seq += 1;
-                    Some((offset, len))
-                }
-                None => Some((offset, len)),
-            };
-            continue;
-        }
-        if let Some((o, l)) = zero_run.take() {
-            if !send(Job::Zero {
-                seq,
-                offset: o,
-                len: l,
-            }) {
+            if !jobs.zero(zeros.extend(offset, len)) {
                 return Ok(());
             }
-            seq += 1;
+            continue;
+        }
+        if !jobs.zero(zeros.0.take()) {
+            return Ok(());
         }
         let payloads = reader.payloads(&pieces)?;
         let Ok(buf) = free.recv() else {
@@ -152,19 +125,54 @@ fn read_jobs(
             pieces,
             payloads,
         };
-        if !send(Job::Data(seq, job, buf)) {
+        if !jobs.send(|seq| Job::Data(seq, job, buf)) {
             return Ok(());
         }
-        seq += 1;
     }
-    if let Some((o, l)) = zero_run {
-        send(Job::Zero {
-            seq,
-            offset: o,
-            len: l,
-        });
-    }
+    jobs.zero(zeros.0.take());
     Ok(())
+}
+
+/// Numbers the jobs in the order they are sent.
+struct JobSender {
+    tx: Sender<Job>,
+    seq: u64,
+}
+
+impl JobSender {
+    /// False when the writer stopped.
+    fn send(&mut self, job: impl FnOnce(u64) -> Job) -> bool {
+        let sent = self.tx.send(job(self.seq)).is_ok();
+        self.seq += 1;
+        sent
+    }
+
+    /// Sends a finished run of zero blocks, if there is one.
+    fn zero(&mut self, run: Option<(u64, u64)>) -> bool {
+        match run {
+            None => true,
+            Some((offset, len)) => self.send(|seq| Job::Zero { seq, offset, len }),
+        }
+    }
+}
+
+/// Consecutive all-zero blocks, written as one zeroed range.
+struct ZeroRun(Option<(u64, u64)>);
+
+impl ZeroRun {
+    /// Adds a zero block; returns the run it ends when it does not continue it.
+    fn extend(&mut self, offset: u64, len: u64) -> Option<(u64, u64)> {
+        match self.0 {
+            Some((o, l)) if o + l == offset => {
+                self.0 = Some((o, l + len));
+                None
+            }
+            previous => {
+                self.0 = Some((offset, len));
+                previous
+            }
+        }
+    }
 }
 
 /// One decoder thread's stage: a block's payloads → its checked plaintext in the job's buffer.

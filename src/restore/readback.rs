@@ -1,7 +1,7 @@
 //! `--verify`: the target read back and compared with the image.
 
 use super::Range;
-use crate::chain::{Planner, Source};
+use crate::chain::Source;
 use crate::device::{self, buf::AlignedBuf};
 use crate::progress::Progress;
 use crate::reader::BlockDecoder;
@@ -49,15 +49,8 @@ pub(super) fn verify_target(
         &format!("verify {}", path.display()),
     );
     let align = device::buf::ALIGN as u64;
-    for pieces in Planner::new(chain) {
-        let pieces = pieces?;
-        if pieces[0].offset >= range.end {
-            break;
-        }
-        let pieces = range.clip(&pieces);
-        if pieces.is_empty() {
-            continue;
-        }
+    for block in range.blocks(chain) {
+        let (_, pieces) = block?;
         let off = pieces[0].offset;
         let len: u64 = pieces.iter().map(|p| p.len).sum();
         let toff = off - range.start;

@@ -2,7 +2,7 @@
 
 use super::table::ImageReader;
 use super::{Range, Restore, RestoreOptions};
-use crate::chain::{Planner, Source};
+use crate::chain::Source;
 use crate::device::{self, DeviceInfo};
 use crate::format::Manifest;
 use crate::progress::human_bytes;
@@ -161,12 +161,8 @@ fn check_fits(
     let mut first: Option<u64> = None;
     let mut last_end = 0u64;
     let mut dec = BlockDecoder::new(chain)?;
-    for pieces in Planner::new(chain) {
-        let pieces = pieces?;
-        if pieces[0].offset >= region.end {
-            break;
-        }
-        let inside = region.clip(&pieces);
+    for block in region.blocks(chain) {
+        let (pieces, inside) = block?;
         if !inside.iter().any(|p| p.source != Source::Zero) {
             continue;
         }

@@ -1108,3 +1108,69 @@ pub fn read_fs(kind: FsKind, dev: &str, work: &Path) -> BTreeMap<String, String>
     }
 }
 pub mod gpt;
+
+// ---------------------------------------------------------------------------
+// A change tracker for a test
+// ---------------------------------------------------------------------------
+
+/// A `cairn tracker run DEV` with its own state directory, up and answering `status` when
+/// `start` returns. Dropping it kills it and removes its kernel instance and state (`tracker
+/// reset`). tests/tracker.rs has a richer one (restarts, signals); this is for tests that only
+/// need a tracker running.
+pub struct TrackerProc {
+    child: Child,
+    state: PathBuf,
+    log: PathBuf,
+}
+
+impl TrackerProc {
+    pub fn start(dev: &str, state: &Path) -> TrackerProc {
+        let log = state.with_extension("log");
+        let logf = File::create(&log).unwrap();
+        let child = Command::new(bin())
+            .args(["tracker", "run", dev, "--interval-ms", "20"])
+            .env("CAIRN_STATE_DIR", state)
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .expect("spawn tracker");
+        let mut t = TrackerProc {
+            child,
+            state: state.to_path_buf(),
+            log,
+        };
+        // Wait for a real condition: the daemon answers status.
+        for _ in 0..1000 {
+            let o = cairn_env(
+                &["tracker", "status", "--json"],
+                &[("CAIRN_STATE_DIR", s(&t.state))],
+            );
+            if o.status.success() && o.json()["running"] == Value::Bool(true) {
+                return t;
+            }
+            if let Ok(Some(st)) = t.child.try_wait() {
+                panic!(
+                    "tracker exited with {st}: {}",
+                    fs::read_to_string(&t.log).unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "tracker did not come up: {}",
+            fs::read_to_string(&t.log).unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for TrackerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = Command::new(bin())
+            .args(["tracker", "reset"])
+            .env("CAIRN_STATE_DIR", &self.state)
+            .output();
+    }
+}
