@@ -485,9 +485,34 @@ fn id_order(id: &str) -> (&str, u64) {
 /// all-zero ids would collide and make one repository's or lineage's tracking data another's.
 pub fn random_hex(n: usize) -> Result<String> {
     let mut b = vec![0u8; n];
-    getrandom::fill(&mut b)
-        .map_err(|e| anyhow!("the kernel's random number generator failed: {e}"))?;
+    fill_random(&mut b)?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Fills `buf` from getrandom(2) with no flags: it waits until the kernel's generator is seeded
+/// and never returns weak bytes. The syscall is called directly, not through the getrandom crate:
+/// in a statically linked build (the rescue system) the crate cannot find the libc symbol, falls
+/// back to polling /dev/random for readiness, and on a machine without a hardware entropy source
+/// (a VM without virtio-rng, seen under qemu TCG) that poll never returns, while a blocking
+/// getrandom(2) makes the kernel gather jitter entropy itself (Linux 5.4+) and returns in about a
+/// second.
+fn fill_random(buf: &mut [u8]) -> Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the pointer and length describe `rest`, which is valid for writes of that many
+        // bytes; getrandom writes at most that many and keeps no reference after returning.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            bail!("the kernel's random number generator failed: {e}");
+        }
+        filled += n as usize;
+    }
+    Ok(())
 }
 
 pub fn image_error(id: &str, file: &str, offset: Option<u64>, e: FormatError) -> anyhow::Error {
