@@ -419,7 +419,7 @@ pub fn unreadable_at(chain: &[Image]) -> Result<Vec<(u64, u64)>> {
 }
 
 /// Operations on ascending, disjoint half-open byte spans `(start, end)`, each linear.
-mod spans {
+pub(crate) mod spans {
     pub fn merged(it: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
         let mut out: Vec<(u64, u64)> = Vec::new();
         for (s, e) in it.filter(|(s, e)| s < e) {

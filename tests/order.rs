@@ -6,9 +6,8 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -207,37 +206,6 @@ fn an_untracked_backup_after_a_middle_image_was_deleted_builds_on_the_last_resto
     let truth = w.join("truth.img");
     fs::copy(&src, &truth).unwrap();
     assert_newest_restores_to(&repo, "t", &truth, &id_of(&r));
-}
-
-/// O_DIRECT write of `len` (a multiple of 4 KiB) random bytes at `offset` of a block device.
-fn direct_write(dev: &str, offset: u64, len: usize, seed: u64) {
-    let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
-    let mut f = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .unwrap();
-    // SAFETY: layout has non-zero size; the buffer is filled before use and freed below.
-    let ptr = unsafe { std::alloc::alloc(layout) };
-    assert!(!ptr.is_null());
-    // SAFETY: ptr is valid for len bytes and not aliased.
-    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-    buf.copy_from_slice(&random_vec(seed, len));
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    let r = f.write_all(buf);
-    // SAFETY: allocated above with the same layout.
-    unsafe { std::alloc::dealloc(ptr, layout) };
-    r.unwrap();
-}
-
-fn copy_device(dev: &str, to: &Path) {
-    flush_bufs(dev);
-    std::io::copy(
-        &mut File::open(dev).unwrap(),
-        &mut File::create(to).unwrap(),
-    )
-    .unwrap();
-    flush_bufs(dev);
 }
 
 #[test]

@@ -244,29 +244,6 @@ fn tool(name: &str, package: &str, args: &[&str]) {
     run_tool(&t, args);
 }
 
-/// O_DIRECT write of `len` random bytes at `offset` of a block device (4 KiB aligned).
-fn direct_write(dev: &str, offset: u64, len: usize, seed: u64) {
-    let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
-    let data = random_vec(seed, len);
-    // An aligned copy: O_DIRECT needs an aligned user buffer.
-    let mut f = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(dev)
-        .unwrap();
-    // SAFETY: layout has non-zero size; the buffer is written fully before use and freed below.
-    let ptr = unsafe { std::alloc::alloc(layout) };
-    assert!(!ptr.is_null());
-    // SAFETY: ptr is valid for len bytes.
-    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-    buf.copy_from_slice(&data);
-    f.seek(SeekFrom::Start(offset)).unwrap();
-    let r = f.write_all(buf);
-    // SAFETY: allocated above with the same layout.
-    unsafe { std::alloc::dealloc(ptr, layout) };
-    r.unwrap();
-}
-
 /// Buffered write through the page cache (odd sizes and offsets allowed), flushed.
 fn buffered_write(dev: &str, offset: u64, len: usize, seed: u64) {
     let mut f = OpenOptions::new().write(true).open(dev).unwrap();
@@ -276,16 +253,6 @@ fn buffered_write(dev: &str, offset: u64, len: usize, seed: u64) {
     f.sync_all()
         .unwrap_or_else(|e| panic!("fsync of {dev} after a buffered write at {offset}: {e}"));
     drop(f);
-    flush_bufs(dev);
-}
-
-/// Copies a whole device into a file (the truth a restore point must reproduce).
-fn copy_device(dev: &str, to: &Path) {
-    flush_bufs(dev);
-    let mut src = File::open(dev).unwrap();
-    let mut dst = File::create(to).unwrap();
-    std::io::copy(&mut src, &mut dst).unwrap();
-    // Leave no cached pages for later O_DIRECT writes to collide with.
     flush_bufs(dev);
 }
 

@@ -68,39 +68,20 @@ pub(super) fn block_stage(
 }
 
 /// `ranges` (ascending, disjoint, relative to a unit read at `offset`) minus the absolute,
-/// ascending ranges `skip`.
+/// ascending (offset, length) ranges `skip`.
 fn without(ranges: Vec<(usize, usize)>, skip: &[(u64, u64)], offset: u64) -> Vec<(usize, usize)> {
     if skip.is_empty() {
         return ranges;
     }
-    let skip: Vec<(usize, usize)> = skip
+    let absolute: Vec<(u64, u64)> = ranges
         .iter()
-        .map(|&(o, l)| ((o - offset) as usize, (o - offset + l) as usize))
+        .map(|&(s, e)| (offset + s as u64, offset + e as u64))
         .collect();
-    let mut out = Vec::new();
-    let mut si = 0;
-    for (mut start, end) in ranges {
-        while si < skip.len() && skip[si].1 <= start {
-            si += 1;
-        }
-        let mut k = si;
-        while start < end {
-            match skip.get(k) {
-                Some(&(s, e)) if s < end => {
-                    if s > start {
-                        out.push((start, s));
-                    }
-                    start = start.max(e);
-                    k += 1;
-                }
-                _ => {
-                    out.push((start, end));
-                    break;
-                }
-            }
-        }
-    }
-    out
+    let skip: Vec<(u64, u64)> = skip.iter().map(|&(o, l)| (o, o + l)).collect();
+    crate::chain::spans::subtract(&absolute, &skip)
+        .into_iter()
+        .map(|(s, e)| ((s - offset) as usize, (e - offset) as usize))
+        .collect()
 }
 
 /// Zero test, hash, and compression of one extent (`at` is its position in the read buffer).

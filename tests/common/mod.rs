@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread;
@@ -1173,4 +1173,41 @@ impl Drop for TrackerProc {
             .env("CAIRN_STATE_DIR", &self.state)
             .output();
     }
+}
+
+// ---------------------------------------------------------------------------
+// Writing to block devices under test
+// ---------------------------------------------------------------------------
+
+/// O_DIRECT write of `len` random bytes at `offset` of a block device (4 KiB aligned).
+pub fn direct_write(dev: &str, offset: u64, len: usize, seed: u64) {
+    let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+    let data = random_vec(seed, len);
+    // An aligned copy: O_DIRECT needs an aligned user buffer.
+    let mut f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .unwrap();
+    // SAFETY: layout has non-zero size; the buffer is written fully before use and freed below.
+    let ptr = unsafe { std::alloc::alloc(layout) };
+    assert!(!ptr.is_null());
+    // SAFETY: ptr is valid for len bytes.
+    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+    buf.copy_from_slice(&data);
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let r = f.write_all(buf);
+    // SAFETY: allocated above with the same layout.
+    unsafe { std::alloc::dealloc(ptr, layout) };
+    r.unwrap();
+}
+
+/// Copies a whole device into a file (the truth a restore point must reproduce).
+pub fn copy_device(dev: &str, to: &Path) {
+    flush_bufs(dev);
+    let mut src = File::open(dev).unwrap();
+    let mut dst = File::create(to).unwrap();
+    std::io::copy(&mut src, &mut dst).unwrap();
+    // Leave no cached pages for later O_DIRECT writes to collide with.
+    flush_bufs(dev);
 }
