@@ -1087,6 +1087,70 @@ fn compare_scan_stores_only_the_changed_granules() {
     );
 }
 
+/// Writes `count` 4 KiB granules with O_DIRECT, every other one from the start of `dev`: as many
+/// separate changed runs.
+fn write_every_other_granule(dev: &str, count: u64, seed: u64) {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .unwrap();
+    let layout = std::alloc::Layout::from_size_align(4096, 4096).unwrap();
+    // SAFETY: layout has non-zero size; the buffer is filled before use and freed below.
+    let ptr = unsafe { std::alloc::alloc(layout) };
+    assert!(!ptr.is_null());
+    // SAFETY: ptr is valid for 4096 bytes, allocated above.
+    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, 4096) };
+    for i in 0..count {
+        buf.copy_from_slice(&random_vec(seed + i, 4096));
+        f.seek(SeekFrom::Start(i * 2 * 4096)).unwrap();
+        f.write_all(buf).unwrap();
+    }
+    // SAFETY: allocated above with the same layout; `buf` is not used after this.
+    unsafe { std::alloc::dealloc(ptr, layout) };
+}
+
+/// A differential after a gap compare-scans and hands the tracker every granule it found
+/// changed since the full, streamed in batches while it runs; with them the since-full set is
+/// whole again, so the next differential is tracked — and holds the gap's writes, which only
+/// that repair set carries.
+#[test]
+fn a_differential_compare_scan_repairs_the_since_full_set_in_batches() {
+    require_root();
+    let work = Work::new();
+    let w = work.path();
+    let disk = LoopDev::new_zeroed(&w.join("disk.img"), 64 * MIB);
+    let state = w.join("state");
+    let repo = w.join("repo");
+    let mut tracker = Tracker::start(&disk.dev, &state, &[]);
+    let full = backup_with(&disk.dev, &repo, &state, "--full");
+    tracker.stop(nix::sys::signal::Signal::SIGKILL);
+    // Written while no tracker runs, in more runs than one batch of 4096.
+    write_every_other_granule(&disk.dev, 7000, 7000);
+    tracker.spawn();
+    let d1 = backup_with(&disk.dev, &repo, &state, "--differential");
+    assert_eq!(
+        (d1["kind"].as_str(), d1["method"].as_str()),
+        (Some("differential"), Some("compare-scan")),
+        "{d1}"
+    );
+    direct_write(&disk.dev, 60 * MIB, 4096, 8);
+    let d2 = backup_with(&disk.dev, &repo, &state, "--differential");
+    assert_eq!(
+        d2["method"], "tracked",
+        "the repair made the set whole: {d2}"
+    );
+    assert_eq!(d2["parent"], full["id"]);
+    assert!(
+        d2["data_bytes"].as_u64().unwrap() >= 7001 * 4096,
+        "the tracked differential holds the gap's writes: {d2}"
+    );
+    let truth = w.join("truth.img");
+    copy_device(&disk.dev, &truth);
+    fs::remove_dir_all(image_dir(&repo, &id_of(&d1))).unwrap();
+    assert_restores_to(&repo, &id_of(&d2), &truth, w, "the repaired differential");
+}
+
 /// More changed runs than one batch holds (4096), carried through a clean restart (so through
 /// the saved binary state) and a cut's streamed reply: the incremental holds every one of them.
 #[test]
@@ -1101,25 +1165,7 @@ fn thousands_of_scattered_runs_survive_a_restart_and_stream_through_a_cut() {
     backup_with(&disk.dev, &repo, &state, "--full");
     // Every other 4 KiB granule of the first 48 MiB: 6000 separate runs.
     let runs = 6000u64;
-    let mut f = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(&disk.dev)
-        .unwrap();
-    let layout = std::alloc::Layout::from_size_align(4096, 4096).unwrap();
-    // SAFETY: layout has non-zero size; the buffer is filled before use and freed below.
-    let ptr = unsafe { std::alloc::alloc(layout) };
-    assert!(!ptr.is_null());
-    // SAFETY: ptr is valid for 4096 bytes, allocated above.
-    let buf = unsafe { std::slice::from_raw_parts_mut(ptr, 4096) };
-    for i in 0..runs {
-        buf.copy_from_slice(&random_vec(1000 + i, 4096));
-        f.seek(SeekFrom::Start(i * 2 * 4096)).unwrap();
-        f.write_all(buf).unwrap();
-    }
-    // SAFETY: allocated above with the same layout; `buf` is not used after this.
-    unsafe { std::alloc::dealloc(ptr, layout) };
-    drop(f);
+    write_every_other_granule(&disk.dev, runs, 1000);
     tracker.stop(nix::sys::signal::Signal::SIGTERM);
     let saved = fs::read(state.join("tracker-state")).expect("the state file of this version");
     assert_eq!(

@@ -120,10 +120,18 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
 
     let name = image_name(opts, &info)?;
     let catalogue = repo.catalogue()?;
-    let (plan, base_chain, tracking) = make_plan(opts, &info, &repo, &catalogue, &lock, name);
+    let (plan, base_chain, mut tracking) = make_plan(opts, &info, &repo, &catalogue, &lock, name);
     let mut writer = repo.begin_image(&plan.id, opts.segment_size, &lock)?;
 
-    let stored = read_and_store(opts, &info, &plan, &base_chain, &mut writer, progress)?;
+    let stored = read_and_store(
+        opts,
+        &info,
+        &plan,
+        &base_chain,
+        &mut writer,
+        tracking.session.as_mut(),
+        progress,
+    )?;
     drop(base_chain);
     plan::check_parent_unchanged(&repo, plan.parent.as_ref(), &opts.source)?;
 
@@ -140,7 +148,7 @@ pub fn run(opts: &BackupOptions, progress: &Progress) -> Result<BackupReport> {
     );
     write::publish(writer, &manifest, &opts.source)?;
     drop(lock);
-    tell_tracker(tracking.session, &plan, stored.found, &stored.bad_ranges);
+    tell_tracker(tracking.session, &stored.bad_ranges);
     Ok(report(
         opts,
         &info,
@@ -199,13 +207,7 @@ fn make_plan(
         drop(parent_chain);
         Vec::new()
     };
-    let work = plan::work_for(
-        method,
-        tracking.cut.as_ref(),
-        granule,
-        block_size,
-        info.size,
-    );
+    let work = plan::work_for(method, tracking.cut.as_ref());
     let plan = Plan {
         id,
         name,
@@ -260,22 +262,23 @@ fn image_name(opts: &BackupOptions, info: &DeviceInfo) -> Result<String> {
 /// What reading the source stored.
 struct Stored {
     stats: Stats,
-    /// The granule runs read, when the tracker needs them (a differential compare-scan).
-    found: Option<Vec<(u64, u64)>>,
     bad_ranges: BadRanges,
     io: String,
 }
 
-/// Reads the source through the block stages into the new image's segments and index.
+/// Reads the source through the block stages into the new image's segments and index. The
+/// tracker's `session` supplies a tracked image's changed runs as they are read, or takes a
+/// differential compare-scan's repair set as it is found.
 fn read_and_store(
     opts: &BackupOptions,
     info: &DeviceInfo,
     plan: &Plan,
     base_chain: &[Image],
     writer: &mut ImageWriter,
+    session: Option<&mut tracker::Session>,
     progress: &Progress,
 ) -> Result<Stored> {
-    let to_read = plan.work.bytes(info.size);
+    let to_read = plan.work.bytes(info.size, plan.granule);
     let (depth, pool) = io_shape(&plan.work);
     let buffers = device::buf::pool(pool, plan.block_size as usize);
     let handle = device::open(&opts.source, Access::Read, info.is_block(), depth, &buffers)?;
@@ -305,14 +308,19 @@ fn read_and_store(
         sector: info.logical_sector_size.max(512) as usize,
         max_bad: opts.max_bad.limit(info.size),
     };
-    let mut sink = write::ImageSink::new(writer, plan.granule, plan.kind, repairs_tracker(plan));
+    let (runs, repair) = match (&plan.work, session) {
+        (Work::Tracked(changed), Some(s)) => (Some(s.changed_runs(*changed)), None),
+        (_, Some(s)) if repairs_tracker(plan) => (None, Some(s.repair())),
+        _ => (None, None),
+    };
+    let mut sink = write::ImageSink::new(writer, plan.granule, plan.kind, repair);
     let bad_ranges = pipeline(
         handle,
         buffers,
         geometry,
         &opts.source,
         opts.level,
-        &plan.work,
+        (&plan.work, runs),
         base_chain,
         |unit| {
             progress.advance(unit.read_len);
@@ -326,9 +334,11 @@ fn read_and_store(
         )
     })?;
     progress.finish();
+    if let Some(repair) = sink.found.take() {
+        repair.finish();
+    }
     Ok(Stored {
         stats: sink.stats,
-        found: sink.found,
         bad_ranges,
         io,
     })
@@ -342,15 +352,9 @@ fn repairs_tracker(plan: &Plan) -> bool {
 
 /// Only now, with the image published, may the tracker forget what this image holds —
 /// except the unreadable ranges: their content is unknown, so the next backup reads them again.
-fn tell_tracker(
-    session: Option<tracker::Session>,
-    plan: &Plan,
-    found: Option<Vec<(u64, u64)>>,
-    bad_ranges: &[(u64, u64)],
-) {
+fn tell_tracker(session: Option<tracker::Session>, bad_ranges: &[(u64, u64)]) {
     if let Some(s) = session {
-        debug_assert_eq!(found.is_some(), repairs_tracker(plan));
-        if let Err(e) = s.commit(found, bad_ranges) {
+        if let Err(e) = s.commit(bad_ranges) {
             tracing::warn!("the tracker did not take the commit ({e:#}); the next backup will include these changes again");
         }
     }
@@ -437,34 +441,31 @@ fn pipeline(
     geo: Geometry,
     source: &std::path::Path,
     level: i32,
-    work: &Work,
+    (work, runs): (&Work, Option<tracker::ChangedRuns<'_>>),
     base: &[Image],
     sink: impl FnMut(Unit<'_>) -> Result<()>,
 ) -> Result<BadRanges> {
-    let total_units = match work {
-        Work::All | Work::Compare => geo.size.div_ceil(u64::from(geo.block_size)),
-        Work::Extents(e) => e.len() as u64,
-    };
     let (free_tx, free_rx) = device::buf::circulate(buffers);
     let mut writer = SegmentSink {
         sink,
         free_tx,
         units: 0,
     };
-    let bad = crate::pipeline::run(
+    let read = crate::pipeline::run(
         device::buf::stage_workers(),
         POOL_BUFFERS,
-        move |tx| read_all(handle, geo, source, work, base, free_rx, tx),
+        move |tx| read_all(handle, geo, source, work, base, runs, free_rx, tx),
         || block_stage(level, geo.granule as usize, base),
         &mut writer,
     )?;
-    if writer.units != total_units {
+    if !read.complete || writer.units != read.units {
         bail!(
-            "the source reader stopped after {} of {total_units} blocks",
-            writer.units
+            "the source reader stopped early: {} of {} units were stored",
+            writer.units,
+            read.units
         );
     }
-    Ok(bad)
+    Ok(read.bad)
 }
 
 #[cfg(test)]

@@ -137,25 +137,59 @@ fn tracked_range(info: &DeviceInfo) -> std::result::Result<((u32, u32), u64, u64
     }
 }
 
-/// Granule runs → read extents, each inside one block.
-fn extents_from_runs(
-    runs: &[(u64, u64)],
+/// Granule runs → read extents (offset, length), each inside one block and inside the source,
+/// produced as the runs arrive: the list of runs is never held.
+pub(super) struct Extents<I> {
+    runs: I,
     granule: u64,
     block_size: u64,
     size: u64,
-) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    for &(g, n) in runs {
-        let mut at = g * granule;
-        let end = ((g + n) * granule).min(size);
-        while at < end {
-            let block_end = (at / block_size + 1) * block_size;
-            let stop = end.min(block_end);
-            out.push((at, stop - at));
-            at = stop;
+    /// The rest of the current run: [at, end).
+    at: u64,
+    end: u64,
+}
+
+impl<I: Iterator<Item = Result<(u64, u64)>>> Extents<I> {
+    pub(super) fn new(runs: I, granule: u64, block_size: u64, size: u64) -> Self {
+        Extents {
+            runs,
+            granule,
+            block_size,
+            size,
+            at: 0,
+            end: 0,
         }
     }
-    out
+}
+
+impl<I: Iterator<Item = Result<(u64, u64)>>> Iterator for Extents<I> {
+    type Item = Result<(u64, u64)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.at >= self.end {
+            let (g, n) = match self.runs.next()? {
+                Ok(run) => run,
+                Err(e) => return Some(Err(e)),
+            };
+            let start = g.checked_mul(self.granule).filter(|&s| s < self.size);
+            let Some(start) = start else {
+                return Some(Err(anyhow::anyhow!(
+                    "the tracker reported granule {g} changed, past the end of the {}-byte source",
+                    self.size
+                )));
+            };
+            self.at = start;
+            self.end = g
+                .saturating_add(n)
+                .saturating_mul(self.granule)
+                .min(self.size);
+        }
+        let block_end = (self.at / self.block_size + 1) * self.block_size;
+        let stop = self.end.min(block_end);
+        let extent = (self.at, stop - self.at);
+        self.at = stop;
+        Some(Ok(extent))
+    }
 }
 
 /// What the reader reads.
@@ -164,15 +198,17 @@ pub(super) enum Work {
     All,
     /// Every block, compared with the base chain; store what differs.
     Compare,
-    /// Only these extents (offset, length), each inside one block.
-    Extents(Vec<(u64, u64)>),
+    /// The tracker's changed runs, read from its session as the reader goes.
+    Tracked(tracker::Changed),
 }
 
 impl Work {
-    pub(super) fn bytes(&self, size: u64) -> u64 {
+    /// How much the reader reads (for progress; a tracked set's last granule may be cut short
+    /// by the source's end).
+    pub(super) fn bytes(&self, size: u64, granule: u32) -> u64 {
         match self {
             Work::All | Work::Compare => size,
-            Work::Extents(e) => e.iter().map(|x| x.1).sum(),
+            Work::Tracked(c) => c.granules.saturating_mul(u64::from(granule)).min(size),
         }
     }
 }
@@ -285,20 +321,9 @@ pub(super) fn choose_method(
 }
 
 /// What the reader reads for `method`.
-pub(super) fn work_for(
-    method: Method,
-    cut: Option<&tracker::Cut>,
-    granule: u32,
-    block_size: u32,
-    size: u64,
-) -> Work {
-    match (method, cut) {
-        (Method::Tracked, Some(c)) => Work::Extents(extents_from_runs(
-            c.changed.as_deref().unwrap_or_default(),
-            u64::from(granule),
-            u64::from(block_size),
-            size,
-        )),
+pub(super) fn work_for(method: Method, cut: Option<&tracker::Cut>) -> Work {
+    match (method, cut.and_then(|c| c.changed)) {
+        (Method::Tracked, Some(changed)) => Work::Tracked(changed),
         (Method::CompareScan, _) => Work::Compare,
         _ => Work::All,
     }
@@ -337,12 +362,10 @@ mod tests {
     #[test]
     fn runs_become_extents_inside_blocks() {
         let size = (4 << 20) - 100;
-        let e = extents_from_runs(
-            &[(0, 2), (250, 10), (1000, 5), (1023, 5)],
-            4096,
-            1 << 20,
-            size,
-        );
+        let runs = [(0, 2), (250, 10), (1000, 5), (1023, 5)];
+        let e: Vec<(u64, u64)> = Extents::new(runs.into_iter().map(Ok), 4096, 1 << 20, size)
+            .collect::<Result<_>>()
+            .unwrap();
         assert_eq!(
             e,
             vec![
@@ -353,5 +376,16 @@ mod tests {
                 (1023 * 4096, size - 1023 * 4096)
             ]
         );
+    }
+
+    #[test]
+    fn a_run_past_the_source_or_a_tracker_error_stops_the_extents() {
+        let runs = [(0, 1), (1024, 1)].into_iter().map(Ok);
+        let e: Vec<Result<(u64, u64)>> = Extents::new(runs, 4096, 1 << 20, 4 << 20).collect();
+        assert_eq!(e.len(), 2);
+        assert!(format!("{:#}", e[1].as_ref().unwrap_err()).contains("past the end"));
+        let failing = [Ok((0, 1)), Err(anyhow::anyhow!("tracker gone"))].into_iter();
+        let e: Vec<Result<(u64, u64)>> = Extents::new(failing, 4096, 1 << 20, 4 << 20).collect();
+        assert!(e[1].is_err());
     }
 }

@@ -1,11 +1,12 @@
 //! The source reader: drives the I/O queue over the work, narrows failed reads down to the
 //! unreadable sectors, and watches for a source that went away or changed size.
 
-use super::plan::Work;
+use super::plan::{Extents, Work};
 use super::stage::fit_pieces;
 use crate::chain::{Piece, Planner};
 use crate::device::{self, buf::AlignedBuf, queue::Op, queue::Request};
 use crate::repo::Image;
+use crate::tracker::ChangedRuns;
 use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{Receiver, Sender};
 use std::collections::BTreeMap;
@@ -18,7 +19,7 @@ pub(super) const POOL_BUFFERS: usize = 24;
 /// incremental) need many reads in flight to keep the device busy; whole blocks need fewer.
 pub(super) fn io_shape(work: &Work) -> (usize, usize) {
     match work {
-        Work::Extents(_) => (32, 40),
+        Work::Tracked(_) => (32, 40),
         _ => (QUEUE_DEPTH, POOL_BUFFERS),
     }
 }
@@ -107,6 +108,63 @@ impl SourceWatch<'_> {
     }
 }
 
+/// Where the reader's units come from, in order: (offset, length), each inside one block.
+enum Units<'r> {
+    /// Every block of the source.
+    Blocks { next: u64, size: u64, block: u64 },
+    /// The tracker's changed runs, as extents, read from its session as they are needed.
+    Tracked(Extents<ChangedRuns<'r>>),
+}
+
+impl Iterator for Units<'_> {
+    type Item = Result<(u64, u64)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Units::Blocks { next, size, block } => {
+                let offset = *next * *block;
+                (offset < *size).then(|| {
+                    *next += 1;
+                    Ok((offset, (*size - offset).min(*block)))
+                })
+            }
+            Units::Tracked(extents) => extents.next(),
+        }
+    }
+}
+
+/// What the reader did: the unreadable ranges it found, how many units it sent, and whether it
+/// reached the end of its work (false: the writer stopped first, and its error is reported).
+pub(super) struct ReadOutcome {
+    pub(super) bad: Vec<(u64, u64)>,
+    pub(super) units: u64,
+    pub(super) complete: bool,
+}
+
+/// A read in flight: what it wants, and for a compare-scan what the base chain holds there.
+struct InFlight {
+    want: usize,
+    expected: Option<Vec<Piece>>,
+}
+
+/// The source reader's state across submissions and completions.
+struct SourceReader<'r, 'b> {
+    geo: Geometry,
+    units: std::iter::Peekable<Units<'r>>,
+    /// For a compare-scan: the base chain's plan, one block per unit.
+    planner: Option<Planner<'b>>,
+    in_flight: BTreeMap<u64, InFlight>,
+    bad: BadMap,
+    /// A full image keeps zeros where the source was unreadable; an incremental or differential
+    /// stores nothing there, so the parent chain's data stays in force (and is flagged).
+    store_unreadable: bool,
+    submitted: u64,
+    /// The highest offset submitted: where a vanished or resized source was noticed.
+    reached: u64,
+}
+
+/// Reads `work` from the source and sends each unit, in order of submission, to the block stages.
+/// `runs` are the tracked cut's changed runs (for `Work::Tracked`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn read_all(
     mut handle: device::Handle,
@@ -114,32 +172,12 @@ pub(super) fn read_all(
     source: &std::path::Path,
     work: &Work,
     base: &[Image],
+    runs: Option<ChangedRuns<'_>>,
     free_rx: Receiver<AlignedBuf>,
     work_tx: Sender<ReadUnit>,
-) -> Result<Vec<(u64, u64)>> {
-    let bs = u64::from(geo.block_size);
-    let mut bad = BadMap::default();
+) -> Result<ReadOutcome> {
     let faults = device::fault::Faults::from_env();
-    let blocks = geo.size.div_ceil(bs);
-    let mut planner = match work {
-        Work::Compare if !base.is_empty() => Some(Planner::new(base)),
-        _ => None,
-    };
-    // A full image keeps zeros where the source was unreadable; an incremental or differential
-    // stores nothing there, so the parent chain's data stays in force (and is flagged).
-    let store_unreadable = matches!(work, Work::All);
-    let unit = |i: u64| -> (u64, u64) {
-        match work {
-            Work::All | Work::Compare => (i * bs, (geo.size - i * bs).min(bs)),
-            Work::Extents(e) => e[i as usize],
-        }
-    };
-    let total = match work {
-        Work::All | Work::Compare => blocks,
-        Work::Extents(e) => e.len() as u64,
-    };
-    // Expected pieces wait here from submission until their read completes.
-    let mut expected: BTreeMap<u64, Vec<Piece>> = BTreeMap::new();
+    let mut reader = SourceReader::new(geo, work, base, runs)?;
     let watch = SourceWatch {
         file: &handle.file,
         path: source,
@@ -147,14 +185,86 @@ pub(super) fn read_all(
         faults: faults.as_ref(),
     };
     let q = &mut handle.queue;
-    let mut next = 0u64;
-    let mut reached = 0u64;
     loop {
-        while next < total && q.in_flight() < q.depth() {
+        if !reader.submit_more(q.as_mut(), handle.direct, &free_rx)? {
+            return Ok(reader.outcome(false));
+        }
+        if q.in_flight() == 0 {
+            // A device that grew or shrank without failing a read is caught here.
+            watch.check(reader.reached)?;
+            return Ok(reader.outcome(true));
+        }
+        let c = q.wait().context("waiting for a read")?;
+        let unit = reader.complete(c, &watch)?;
+        if work_tx.send(unit).is_err() {
+            return Ok(reader.outcome(false));
+        }
+    }
+}
+
+impl<'r, 'b> SourceReader<'r, 'b> {
+    fn new(
+        geo: Geometry,
+        work: &Work,
+        base: &'b [Image],
+        runs: Option<ChangedRuns<'r>>,
+    ) -> Result<Self> {
+        let block = u64::from(geo.block_size);
+        let units = match (work, runs) {
+            (Work::Tracked(_), Some(runs)) => {
+                Units::Tracked(Extents::new(runs, u64::from(geo.granule), block, geo.size))
+            }
+            (Work::Tracked(_), None) => bail!("a tracked backup without the tracker's runs"),
+            (Work::All | Work::Compare, _) => Units::Blocks {
+                next: 0,
+                size: geo.size,
+                block,
+            },
+        };
+        Ok(SourceReader {
+            geo,
+            units: units.peekable(),
+            planner: match work {
+                Work::Compare if !base.is_empty() => Some(Planner::new(base)),
+                _ => None,
+            },
+            in_flight: BTreeMap::new(),
+            bad: BadMap::default(),
+            store_unreadable: matches!(work, Work::All),
+            submitted: 0,
+            reached: 0,
+        })
+    }
+
+    fn outcome(self, complete: bool) -> ReadOutcome {
+        ReadOutcome {
+            bad: self.bad.ranges,
+            units: self.submitted,
+            complete,
+        }
+    }
+
+    /// Fills the queue with the next units while buffers are free. Ok(false): the writer
+    /// stopped (no buffer will come back).
+    fn submit_more(
+        &mut self,
+        q: &mut dyn device::queue::IoQueue,
+        direct: bool,
+        free_rx: &Receiver<AlignedBuf>,
+    ) -> Result<bool> {
+        while q.in_flight() < q.depth() {
+            match self.units.peek() {
+                None => break,
+                Some(Ok(_)) => {}
+                Some(Err(_)) => {
+                    let e = self.units.next().and_then(Result::err).expect("peeked");
+                    return Err(e.context("reading the tracker's changed runs"));
+                }
+            }
             let buf = if q.in_flight() == 0 {
                 match free_rx.recv() {
                     Ok(b) => b,
-                    Err(_) => return Ok(bad.ranges), // writer stopped; its error is reported
+                    Err(_) => return Ok(false),
                 }
             } else {
                 match free_rx.try_recv() {
@@ -162,53 +272,59 @@ pub(super) fn read_all(
                     Err(_) => break,
                 }
             };
-            let (offset, want) = unit(next);
-            let want = want as usize;
-            let len = if handle.direct {
-                device::buf::align_up(want)
-            } else {
-                want
+            let (offset, want) = self.units.next().and_then(Result::ok).expect("peeked");
+            let expected = match self.planner.as_mut() {
+                Some(p) => Some(fit_pieces(
+                    p.next().transpose()?.unwrap_or_default(),
+                    offset,
+                    want,
+                )),
+                None => None,
             };
-            if let Some(p) = planner.as_mut() {
-                expected.insert(
-                    next,
-                    fit_pieces(
-                        p.next().transpose()?.unwrap_or_default(),
-                        offset,
-                        want as u64,
-                    ),
-                );
-            }
-            reached = reached.max(offset);
+            let want = want as usize;
+            let tag = self.submitted;
+            self.in_flight.insert(tag, InFlight { want, expected });
+            self.reached = self.reached.max(offset);
             q.submit(Request {
                 op: Op::Read,
-                tag: next,
+                tag,
                 offset,
                 start: 0,
-                len,
+                len: if direct {
+                    device::buf::align_up(want)
+                } else {
+                    want
+                },
                 want,
                 buf,
             })
             .with_context(|| format!("submitting a read at offset {offset}"))?;
-            next += 1;
+            self.submitted += 1;
         }
-        if q.in_flight() == 0 {
-            // A device that grew or shrank without failing a read is caught here.
-            watch.check(reached)?;
-            return Ok(bad.ranges);
-        }
-        let mut c = q.wait().context("waiting for a read")?;
-        let (_, want) = unit(c.tag);
+        Ok(true)
+    }
+
+    /// Turns a finished read into a unit for the block stages; a failed read is narrowed down
+    /// to its unreadable sectors, or fails the backup when it is not a bad sector.
+    fn complete(
+        &mut self,
+        mut c: device::queue::Completion,
+        watch: &SourceWatch<'_>,
+    ) -> Result<ReadUnit> {
+        let InFlight { want, expected } = self
+            .in_flight
+            .remove(&c.tag)
+            .ok_or_else(|| anyhow!("a read completed that was never submitted"))?;
         let mut skip: Vec<(u64, u64)> = Vec::new();
         if let Err(e) = &c.result {
             if device::fault::classify(e) == device::fault::ErrorClass::Fatal {
                 return Err(watch.fatal(c.offset, e));
             }
-            watch.check(reached)?;
+            watch.check(self.reached)?;
             // A failing disk: do not give up on the image. Narrow the failure down to the
             // unreadable sectors and record where they are.
-            bad.failed_reads += 1;
-            if bad.failed_reads <= LOGGED_BAD_RANGES {
+            self.bad.failed_reads += 1;
+            if self.bad.failed_reads <= LOGGED_BAD_RANGES {
                 tracing::warn!(
                     "read error at offset {} ({}); narrowing it down to the unreadable sectors",
                     c.offset,
@@ -218,26 +334,23 @@ pub(super) fn read_all(
             let found = device::fault::read_around_errors(
                 watch.file,
                 c.offset,
-                &mut c.buf.as_mut_slice()[..want as usize],
-                geo.sector,
-                faults.as_ref(),
+                &mut c.buf.as_mut_slice()[..want],
+                self.geo.sector,
+                watch.faults,
             )
             .map_err(|e| watch.fatal(c.offset, &e))?;
             // Reads that failed because the device died meanwhile are not bad sectors.
-            watch.check(reached)?;
-            skip = bad.record(found, &geo, store_unreadable)?;
+            watch.check(self.reached)?;
+            skip = self.bad.record(found, &self.geo, self.store_unreadable)?;
         }
-        let unit = ReadUnit {
+        Ok(ReadUnit {
             seq: c.tag,
             offset: c.offset,
-            len: want as usize,
+            len: want,
             buf: c.buf,
-            expected: expected.remove(&c.tag),
+            expected,
             skip,
-        };
-        if work_tx.send(unit).is_err() {
-            return Ok(bad.ranges);
-        }
+        })
     }
 }
 

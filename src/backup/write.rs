@@ -68,30 +68,30 @@ impl<F: FnMut(Unit<'_>) -> Result<()>> crate::pipeline::Consumer<Processed> for 
 }
 
 /// Appends each unit's extents to the new image: a frame and an index entry for stored data.
-pub(super) struct ImageSink<'a> {
+pub(super) struct ImageSink<'a, 's> {
     writer: &'a mut ImageWriter,
     granule: u64,
     /// An incremental or differential records zeros too: the parent chain may hold data there.
     explicit_zero: bool,
     pub(super) stats: Stats,
-    /// The granule runs read, for the tracker's repair of a differential compare-scan; None for
-    /// every other image, so a backup's memory does not grow with what it stores.
-    pub(super) found: Option<Vec<(u64, u64)>>,
+    /// The granule runs read, streamed to the tracker for its repair of a differential
+    /// compare-scan; None for every other image.
+    pub(super) found: Option<tracker::Repair<'s>>,
 }
 
-impl<'a> ImageSink<'a> {
+impl<'a, 's> ImageSink<'a, 's> {
     pub(super) fn new(
         writer: &'a mut ImageWriter,
         granule: u32,
         kind: ImageKind,
-        repairs_tracker: bool,
+        found: Option<tracker::Repair<'s>>,
     ) -> Self {
         ImageSink {
             writer,
             granule: u64::from(granule),
             explicit_zero: kind != ImageKind::Full,
             stats: Stats::default(),
-            found: repairs_tracker.then(Vec::new),
+            found,
         }
     }
 
@@ -104,10 +104,7 @@ impl<'a> ImageSink<'a> {
                 (out.offset + out.len).div_ceil(self.granule),
             );
             if let Some(found) = self.found.as_mut() {
-                match found.last_mut() {
-                    Some((f, c)) if *f + *c == g0 => *c += g1 - g0,
-                    _ => found.push((g0, g1 - g0)),
-                }
+                found.push(g0, g1 - g0);
             }
             let Some((codec, payload)) = out.stored else {
                 self.stats.blocks_zero += 1;

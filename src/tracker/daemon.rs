@@ -493,6 +493,9 @@ impl State {
                 },
                 tracked: changed.is_some(),
                 reason,
+                // Counted by `handle` from the snapshot once the lock is released.
+                runs: 0,
+                granules: 0,
             },
             changed,
         ))
@@ -1120,6 +1123,18 @@ fn send(out: &mut impl Write, reply: &Reply) -> std::io::Result<()> {
     out.write_all(text.as_bytes())
 }
 
+/// How many runs `send_runs` will send, and the granules they cover: the backup sizes its work
+/// and progress from these before it reads the runs.
+fn count_runs(set: &ChangeMap) -> (u64, u64) {
+    let mut runs = 0u64;
+    set.try_for_each_run(|_, _| {
+        runs += 1;
+        Ok::<(), std::convert::Infallible>(())
+    })
+    .unwrap_or_else(|never| match never {});
+    (runs, set.count())
+}
+
 /// A tracked cut's runs, in batches of `RUN_BATCH`, then their count; listed from the cut's
 /// snapshot with no lock held.
 fn send_runs(out: &mut impl Write, changed: &ChangeMap) -> std::io::Result<()> {
@@ -1166,14 +1181,17 @@ fn handle(
             kind,
             parent,
         } => {
-            let cut = shared
+            let (mut reply, changed) = shared
                 .lock()
                 .cut(conn, disk, start, len, granule, &consumer, kind, parent)?;
+            if let (Reply::Cut { runs, granules, .. }, Some(set)) = (&mut reply, &changed) {
+                (*runs, *granules) = count_runs(set);
+            }
             *incoming = Incoming {
                 granules: Some(len.div_ceil(granule)),
                 ..Incoming::default()
             };
-            cut
+            (reply, changed)
         }
         Request::Found { runs } => {
             incoming.found(&runs);

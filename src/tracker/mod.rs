@@ -35,14 +35,36 @@ pub fn state_dir(flag: Option<&Path>) -> PathBuf {
 pub struct Session {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
+    /// A tracked cut's runs not yet read to their end: no other request may be made before.
+    runs_unread: bool,
+    /// Where the repair set of a differential compare-scan stands.
+    repair: RepairState,
+}
+
+/// A commit's repair set is all or nothing: one begun and not finished, or one whose sending
+/// failed, refuses the commit rather than give the tracker part of it (a since-full set short of
+/// runs would make a later differential miss changes).
+enum RepairState {
+    None,
+    Open(u64),
+    Finished(u64),
+    Failed(String),
 }
 
 /// The tracker's answer to a cut.
 pub struct Cut {
     pub token: Token,
-    /// Changed granule runs, or None when continuity is not proven (then `reason` says why).
-    pub changed: Option<Vec<(u64, u64)>>,
+    /// What changed, when continuity is proven: its runs follow on the session
+    /// (`Session::changed_runs`). None when not proven (then `reason` says why).
+    pub changed: Option<Changed>,
     pub reason: Option<String>,
+}
+
+/// The size of a tracked cut's changed set, announced before its runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Changed {
+    pub runs: u64,
+    pub granules: u64,
 }
 
 impl Session {
@@ -60,6 +82,8 @@ impl Session {
         Ok(Session {
             writer: s.try_clone()?,
             reader: BufReader::new(s),
+            runs_unread: false,
+            repair: RepairState::None,
         })
     }
 
@@ -86,29 +110,11 @@ impl Session {
     }
 
     fn call(&mut self, req: &Request) -> Result<Reply> {
+        if self.runs_unread {
+            bail!("a request to the tracker before the cut's changed runs were read");
+        }
         self.send(req)?;
         self.receive()
-    }
-
-    /// The runs that follow a tracked cut's reply, batch by batch, up to the count that ends them.
-    fn receive_runs(&mut self) -> Result<Vec<(u64, u64)>> {
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        loop {
-            match self.receive()? {
-                Reply::Runs { runs: batch } => {
-                    if batch.len() > protocol::RUN_BATCH {
-                        bail!("the tracker sent {} runs in one batch", batch.len());
-                    }
-                    runs.extend(batch);
-                }
-                Reply::RunsEnd { count } if count == runs.len() as u64 => return Ok(runs),
-                Reply::RunsEnd { count } => bail!(
-                    "the tracker announced {count} changed runs but sent {}",
-                    runs.len()
-                ),
-                _ => bail!("unexpected tracker reply among a cut's runs"),
-            }
-        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -136,15 +142,13 @@ impl Session {
                 token,
                 tracked,
                 reason,
+                runs,
+                granules,
             } => {
-                let changed = if tracked {
-                    Some(self.receive_runs()?)
-                } else {
-                    None
-                };
+                self.runs_unread = tracked;
                 Ok(Cut {
                     token,
-                    changed,
+                    changed: tracked.then_some(Changed { runs, granules }),
                     reason,
                 })
             }
@@ -152,25 +156,45 @@ impl Session {
         }
     }
 
+    /// The changed runs of the tracked cut `changed` announced, read from the tracker batch by
+    /// batch as the caller takes them: a backup never holds the whole list.
+    pub fn changed_runs(&mut self, changed: Changed) -> ChangedRuns<'_> {
+        ChangedRuns {
+            session: self,
+            announced: changed,
+            batch: Vec::new().into_iter(),
+            runs: 0,
+            granules: 0,
+            end: 0,
+            done: false,
+        }
+    }
+
+    /// Starts the repair set a differential compare-scan sends while it runs (see `Repair`).
+    pub fn repair(&mut self) -> Repair<'_> {
+        self.repair = RepairState::Open(0);
+        Repair {
+            session: self,
+            batch: Vec::with_capacity(protocol::RUN_BATCH),
+        }
+    }
+
     /// Call only after the image is safely in the repository. `keep_dirty`: byte ranges of the
     /// source the image could not read; the tracker keeps them changed for the next backup.
-    pub fn commit(
-        mut self,
-        found: Option<Vec<(u64, u64)>>,
-        keep_dirty: &[(u64, u64)],
-    ) -> Result<()> {
-        for batch in found.iter().flat_map(|f| f.chunks(protocol::RUN_BATCH)) {
-            self.send(&Request::Found {
-                runs: batch.to_vec(),
-            })?;
-        }
+    pub fn commit(mut self, keep_dirty: &[(u64, u64)]) -> Result<()> {
+        let found_runs = match &self.repair {
+            RepairState::None => None,
+            RepairState::Finished(n) => Some(*n),
+            RepairState::Open(_) => bail!("the repair set was not finished"),
+            RepairState::Failed(why) => bail!("sending the repair set failed: {why}"),
+        };
         for batch in keep_dirty.chunks(protocol::RUN_BATCH) {
             self.send(&Request::KeepDirty {
                 ranges: batch.to_vec(),
             })?;
         }
         let req = Request::Commit {
-            found_runs: found.as_ref().map(|f| f.len() as u64),
+            found_runs,
             keep_dirty_ranges: keep_dirty.len() as u64,
         };
         match self.call(&req)? {
@@ -183,6 +207,140 @@ impl Session {
         match self.call(&Request::Status)? {
             Reply::Status { devices } => Ok(devices),
             _ => bail!("unexpected tracker reply to status"),
+        }
+    }
+}
+
+/// A tracked cut's changed runs, ascending, as the tracker sends them. Each is checked: ascending
+/// and disjoint, at most `RUN_BATCH` a batch, and in all exactly the runs and granules the cut
+/// announced. The iterator ends (None) only after the tracker's `RunsEnd` agreed.
+pub struct ChangedRuns<'a> {
+    session: &'a mut Session,
+    announced: Changed,
+    batch: std::vec::IntoIter<(u64, u64)>,
+    runs: u64,
+    granules: u64,
+    /// The granule after the last run taken.
+    end: u64,
+    done: bool,
+}
+
+impl ChangedRuns<'_> {
+    fn take(&mut self, (first, count): (u64, u64)) -> Result<(u64, u64)> {
+        if count == 0 || first < self.end || first.checked_add(count).is_none() {
+            bail!(
+                "the tracker sent changed run {first}+{count} out of order (after granule {})",
+                self.end
+            );
+        }
+        self.end = first + count;
+        self.runs += 1;
+        self.granules += count;
+        if self.runs > self.announced.runs || self.granules > self.announced.granules {
+            bail!(
+                "the tracker sent more than the {} changed runs ({} granules) it announced",
+                self.announced.runs,
+                self.announced.granules
+            );
+        }
+        Ok((first, count))
+    }
+
+    /// The next batch, or Ok(false) once the runs ended as announced.
+    fn refill(&mut self) -> Result<bool> {
+        match self.session.receive()? {
+            Reply::Runs { runs } if runs.len() > protocol::RUN_BATCH => {
+                bail!("the tracker sent {} runs in one batch", runs.len())
+            }
+            Reply::Runs { runs } => {
+                self.batch = runs.into_iter();
+                Ok(true)
+            }
+            Reply::RunsEnd { count }
+                if count == self.runs
+                    && (self.runs, self.granules)
+                        == (self.announced.runs, self.announced.granules) =>
+            {
+                self.session.runs_unread = false;
+                Ok(false)
+            }
+            Reply::RunsEnd { count } => bail!(
+                "the tracker announced {} changed runs ({} granules) and ended them at {count}, but sent {} ({} granules)",
+                self.announced.runs,
+                self.announced.granules,
+                self.runs,
+                self.granules
+            ),
+            _ => bail!("unexpected tracker reply among a cut's runs"),
+        }
+    }
+}
+
+impl Iterator for ChangedRuns<'_> {
+    type Item = Result<(u64, u64)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while !self.done {
+            if let Some(run) = self.batch.next() {
+                let taken = self.take(run);
+                self.done = taken.is_err();
+                return Some(taken);
+            }
+            match self.refill() {
+                Ok(true) => {}
+                Ok(false) => self.done = true,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The granule runs a differential compare-scan read, sent to the tracker as `Found` batches
+/// while the backup runs (the tracker holds them until the commit), so the backup never holds
+/// them. Runs must come ascending; touching runs are joined. A failed send, or a repair set
+/// never finished, refuses the commit (see `RepairState`): the tracker's sets stay as they were.
+pub struct Repair<'a> {
+    session: &'a mut Session,
+    batch: Vec<(u64, u64)>,
+}
+
+impl Repair<'_> {
+    pub fn push(&mut self, first: u64, count: u64) {
+        match self.batch.last_mut() {
+            Some((f, c)) if *f + *c == first => *c += count,
+            _ => {
+                if self.batch.len() == protocol::RUN_BATCH {
+                    self.send_batch();
+                }
+                self.batch.push((first, count));
+            }
+        }
+    }
+
+    fn send_batch(&mut self) {
+        let runs = std::mem::take(&mut self.batch);
+        let RepairState::Open(sent) = self.session.repair else {
+            return;
+        };
+        if runs.is_empty() {
+            return;
+        }
+        let n = runs.len() as u64;
+        self.session.repair = match self.session.send(&Request::Found { runs }) {
+            Ok(()) => RepairState::Open(sent + n),
+            Err(e) => RepairState::Failed(format!("{e:#}")),
+        };
+    }
+
+    /// Sends what is left: only a finished repair set can be committed.
+    pub fn finish(mut self) {
+        self.send_batch();
+        if let RepairState::Open(n) = self.session.repair {
+            self.session.repair = RepairState::Finished(n);
         }
     }
 }
@@ -231,4 +389,88 @@ pub fn stop(state_dir: &Path) -> Result<Option<String>> {
     let mut rest = String::new();
     protocol::read_message(&mut s.reader, &mut rest).context("waiting for the tracker to exit")?;
     Ok(Some(instance))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A session whose tracker side is `replies`, already written (and the writer end kept).
+    fn session_with(replies: &[Reply]) -> (Session, UnixStream) {
+        let (mine, mut theirs) = UnixStream::pair().unwrap();
+        for r in replies {
+            let mut line = serde_json::to_string(r).unwrap();
+            line.push('\n');
+            theirs.write_all(line.as_bytes()).unwrap();
+        }
+        let s = Session {
+            writer: mine.try_clone().unwrap(),
+            reader: BufReader::new(mine),
+            runs_unread: true,
+            repair: RepairState::None,
+        };
+        (s, theirs)
+    }
+
+    fn runs(v: &[(u64, u64)]) -> Reply {
+        Reply::Runs { runs: v.to_vec() }
+    }
+
+    /// The runs `replies` give, with the tracker gone after them.
+    fn read_all(replies: &[Reply], runs: u64, granules: u64) -> Result<Vec<(u64, u64)>> {
+        let (mut s, theirs) = session_with(replies);
+        drop(theirs);
+        let got = s.changed_runs(Changed { runs, granules }).collect();
+        got
+    }
+
+    #[test]
+    fn changed_runs_stream_batch_by_batch_and_end_as_announced() {
+        let replies = [
+            runs(&[(0, 2), (5, 1)]),
+            runs(&[(9, 3)]),
+            Reply::RunsEnd { count: 3 },
+        ];
+        let (mut s, _theirs) = session_with(&replies);
+        let got: Vec<(u64, u64)> = s
+            .changed_runs(Changed {
+                runs: 3,
+                granules: 6,
+            })
+            .collect::<Result<_>>()
+            .unwrap();
+        assert_eq!(got, vec![(0, 2), (5, 1), (9, 3)]);
+        assert!(!s.runs_unread, "the session is free for the commit");
+    }
+
+    #[test]
+    fn changed_runs_that_disagree_with_the_announcement_are_refused() {
+        let end = |count| Reply::RunsEnd { count };
+        let cases: [(&[Reply], u64, u64, &str); 5] = [
+            (&[runs(&[(4, 1), (2, 1)]), end(2)], 2, 2, "out of order"),
+            (&[runs(&[(4, 2), (5, 1)]), end(2)], 2, 3, "out of order"),
+            (&[runs(&[(1, 1), (3, 1)]), end(2)], 1, 2, "more than"),
+            (&[runs(&[(1, 1)]), end(2)], 2, 2, "ended them at 2"),
+            (&[runs(&[(1, 1)])], 1, 1, "closed the connection"),
+        ];
+        for (replies, n, g, why) in cases {
+            let err = read_all(replies, n, g).unwrap_err();
+            assert!(format!("{err:#}").contains(why), "{why}: {err:#}");
+        }
+    }
+
+    #[test]
+    fn no_commit_before_the_runs_are_read_or_with_an_unfinished_repair() {
+        let (s, _theirs) = session_with(&[]);
+        let err = s.commit(&[]).unwrap_err();
+        assert!(format!("{err:#}").contains("before the cut's changed runs were read"));
+
+        let (mut s, _theirs) = session_with(&[]);
+        s.runs_unread = false;
+        let mut repair = s.repair();
+        repair.push(0, 1);
+        drop(repair);
+        let err = s.commit(&[]).unwrap_err();
+        assert!(format!("{err:#}").contains("not finished"), "{err:#}");
+    }
 }

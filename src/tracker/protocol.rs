@@ -5,10 +5,13 @@
 //! so the next backup still has them.
 //!
 //! Run lists are never one message: a set of millions of scattered granules would be a line of
-//! tens of megabytes. The cut's reply says whether runs follow; they come as `Runs` lines of at
-//! most `RUN_BATCH` runs and end with `RunsEnd`, which counts them. Likewise a commit's repair set
-//! and unreadable ranges go first as `Found` and `KeepDirty` lines (no reply each), and the
-//! `Commit` that follows counts them, so a lost or extra batch is an error, not a silent change.
+//! tens of megabytes. The cut's reply says whether runs follow and how many, with how many
+//! granules; they come as `Runs` lines of at most `RUN_BATCH` runs and end with `RunsEnd`, which
+//! counts them. The backup reads them as it goes (socket back-pressure paces the tracker's
+//! sender), so neither side holds the list. Likewise a commit's repair set goes as `Found` lines
+//! while the backup runs and its unreadable ranges as `KeepDirty` lines before the commit (no
+//! reply each), and the `Commit` that follows counts them, so a lost or extra batch is an error,
+//! not a silent change.
 
 use serde::{Deserialize, Serialize};
 use std::io::BufRead;
@@ -24,7 +27,12 @@ pub fn read_message(reader: &mut impl BufRead, line: &mut String) -> std::io::Re
     line.clear();
     let mut bytes = Vec::new();
     loop {
-        let buf = reader.fill_buf()?;
+        // A socket with a timeout can fail a read with EINTR after a stop and continue, even
+        // without signal handlers (signal(7)): that is not an error of the conversation.
+        let buf = match reader.fill_buf() {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => other?,
+        };
         if buf.is_empty() {
             if bytes.is_empty() {
                 return Ok(false);
@@ -123,6 +131,11 @@ pub enum Reply {
         tracked: bool,
         /// Why a compare-scan is needed.
         reason: Option<String>,
+        /// For a tracked cut: how many runs follow, and how many granules they cover.
+        #[serde(default)]
+        runs: u64,
+        #[serde(default)]
+        granules: u64,
     },
     /// Up to `RUN_BATCH` changed granule runs, ascending.
     Runs {
