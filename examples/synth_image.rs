@@ -7,11 +7,14 @@
 //!                                    has an index entry (kind zero: nothing is stored, so a
 //!                                    restore writes nothing and verify reads only the index)
 //! synth_image REPO many COUNT        COUNT full images of a 64 KiB source, one stored frame each
+//! synth_image REPO chain COUNT       one chain of COUNT images of a 64 KiB source: a full, then
+//!                                    COUNT - 1 compare-scan incrementals, each the child of the
+//!                                    one before, one stored frame each
 //! ```
 
 use anyhow::{bail, Context, Result};
 use cairn::format::frame::Codec;
-use cairn::format::manifest::{IndexRef, Stats};
+use cairn::format::manifest::{IndexRef, ParentRef, Stats};
 use cairn::format::{
     self, Entry, EntryKind, FrameHeader, ImageKind, Manifest, Method, SourceIdentity,
 };
@@ -23,7 +26,10 @@ fn main() -> Result<()> {
     match args.get(2).map(String::as_str) {
         Some("huge") if args.len() == 4 => huge(Path::new(&args[1]), parse(&args[3])?),
         Some("many") if args.len() == 4 => many(Path::new(&args[1]), parse(&args[3])?),
-        _ => bail!("usage: synth_image REPO huge SIZE | synth_image REPO many COUNT"),
+        Some("chain") if args.len() == 4 => chain(Path::new(&args[1]), parse(&args[3])?),
+        _ => bail!(
+            "usage: synth_image REPO huge SIZE | synth_image REPO many COUNT | synth_image REPO chain COUNT"
+        ),
     }
 }
 
@@ -31,19 +37,31 @@ fn parse(s: &str) -> Result<u64> {
     cairn::cli::parse_size(s).map_err(anyhow::Error::msg)
 }
 
+/// Where an image stands in its chain: a full image, or an incremental on `parent` (its id and
+/// manifest hash) whose chain starts at the full `base`.
+enum Lineage<'a> {
+    Full,
+    Incremental {
+        parent: &'a (String, format::Hash),
+        base: &'a str,
+    },
+}
+
 /// One image: `entries` are (offset, length, optional stored plaintext), ascending.
 /// `sequence`: the image's place, or None to take the next one as a backup does (which reads
 /// every manifest: writing thousands of images that way would be quadratic).
+/// Returns the image's id and manifest hash.
 #[allow(clippy::too_many_arguments)]
 fn write_image(
     repo: &Repository,
+    lineage: Lineage,
     sequence: Option<u64>,
     created_unix: u64,
     name: &str,
     size: u64,
     block_size: u32,
     entries: impl Iterator<Item = (u64, u32, Option<Vec<u8>>)>,
-) -> Result<String> {
+) -> Result<(String, format::Hash)> {
     let lock = repo.lock()?;
     let id = repo.new_image_id(created_unix, &lock);
     let mut writer = repo.begin_image(&id, 2 << 30, &lock)?;
@@ -102,20 +120,32 @@ fn write_image(
     let segments = writer.finish_segments()?;
     let index = writer.finish_index()?;
     stats.stored_bytes = segments.iter().map(|s| s.size).sum::<u64>() + index.size;
+    let (kind, method, parent, base_full) = match lineage {
+        Lineage::Full => (ImageKind::Full, Method::Full, None, None),
+        Lineage::Incremental { parent, base } => (
+            ImageKind::Incremental,
+            Method::CompareScan,
+            Some(ParentRef {
+                id: parent.0.clone(),
+                manifest_blake3: format::hash_hex(&parent.1),
+            }),
+            Some(base.to_string()),
+        ),
+    };
     let manifest = Manifest {
         format_version: format::FORMAT_VERSION,
         id: id.clone(),
         name: name.into(),
-        kind: ImageKind::Full,
-        parent: None,
-        base_full: None,
+        kind,
+        parent,
+        base_full,
         created_unix,
         created: humantime::format_rfc3339_seconds(
             std::time::UNIX_EPOCH + std::time::Duration::from_secs(created_unix),
         )
         .to_string(),
         tool_version: "synth_image".into(),
-        method: Method::Full,
+        method,
         source: SourceIdentity {
             path: format!("/synthetic/{name}"),
             kind: "file".into(),
@@ -145,8 +175,9 @@ fn write_image(
         }),
     };
     manifest.validate().context("synthetic manifest")?;
-    writer.commit(&manifest.encode().0)?;
-    Ok(id)
+    let (bytes, hash) = manifest.encode();
+    writer.commit(&bytes)?;
+    Ok((id, hash))
 }
 
 fn huge(root: &Path, size: u64) -> Result<()> {
@@ -157,7 +188,16 @@ fn huge(root: &Path, size: u64) -> Result<()> {
         let offset = b * u64::from(bs);
         (offset, (size - offset).min(u64::from(bs)) as u32, None)
     });
-    let id = write_image(&repo, None, 1_700_000_000, "huge", size, bs, entries)?;
+    let (id, _) = write_image(
+        &repo,
+        Lineage::Full,
+        None,
+        1_700_000_000,
+        "huge",
+        size,
+        bs,
+        entries,
+    )?;
     println!("{id} {blocks}");
     Ok(())
 }
@@ -172,6 +212,7 @@ fn many(root: &Path, count: u64) -> Result<()> {
         let entries = std::iter::once((0u64, size as u32, Some(plain)));
         write_image(
             &repo,
+            Lineage::Full,
             Some(i + 1),
             1_700_000_000 + i,
             "many",
@@ -181,6 +222,43 @@ fn many(root: &Path, count: u64) -> Result<()> {
         )?;
     }
     // The counter file, as the last backup would have left it.
+    let lock = repo.lock()?;
+    repo.reserve_sequence(&repo.catalogue()?, &lock)?;
+    println!("{count}");
+    Ok(())
+}
+
+fn chain(root: &Path, count: u64) -> Result<()> {
+    let repo = Repository::open_or_create(root)?;
+    let size = 64 << 10;
+    let mut parent: Option<(String, format::Hash)> = None;
+    let mut base = String::new();
+    for i in 0..count {
+        let plain: Vec<u8> = (0..size as usize)
+            .map(|j| (j as u64 ^ i).wrapping_mul(29) as u8 | 1)
+            .collect();
+        let lineage = match &parent {
+            None => Lineage::Full,
+            Some(p) => Lineage::Incremental {
+                parent: p,
+                base: &base,
+            },
+        };
+        let written = write_image(
+            &repo,
+            lineage,
+            Some(i + 1),
+            1_700_000_000 + i,
+            "chain",
+            size,
+            64 << 10,
+            std::iter::once((0u64, size as u32, Some(plain))),
+        )?;
+        if parent.is_none() {
+            base = written.0.clone();
+        }
+        parent = Some(written);
+    }
     let lock = repo.lock()?;
     repo.reserve_sequence(&repo.catalogue()?, &lock)?;
     println!("{count}");

@@ -7,57 +7,180 @@
 //! Every reader of a restore point (restore, `restore --verify`, verify, a compare-scan's base)
 //! takes its plan from here.
 
-use crate::format::{Entry, EntryKind, ImageKind};
+use crate::format::{Entry, EntryKind, Hash, ImageKind, Manifest};
 use crate::repo::{Image, Repository};
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
+
+/// The most images a restore point's chain may hold. A parent loop cannot pass the manifest-hash
+/// check of every link, so only a chain this long (or a hand-made one) reaches it; the bound keeps
+/// the walk finite whatever the repository holds.
+const MAX_CHAIN: usize = 100_000;
 
 /// Loads the chain ending at `id`, oldest (the full) first, checking each parent link against the
-/// manifest hash the child recorded.
+/// manifest hash the child recorded (the rules of [`Links`]).
 pub fn resolve(repo: &Repository, id: &str) -> Result<Vec<Image>> {
-    let mut chain = vec![repo.load_image(id)?];
-    loop {
-        let last = chain.last().expect("non-empty");
-        let Some(parent) = last.manifest.parent.clone() else {
-            break;
-        };
-        if chain.len() > 100_000 {
-            bail!("image {id}: chain longer than 100000 images (a parent loop?)");
+    let top = repo.load_image(id)?;
+    let decided = Links::default().decide(top, |parent| repo.load_image(parent));
+    let (_, verdict) = decided.last().expect("the top is always decided");
+    if let Err(broken) = verdict {
+        return Err(broken.error(id));
+    }
+    // Nothing was decided before, so a chain that holds was walked down to its full image.
+    debug_assert!(decided[0].0.manifest.parent.is_none());
+    Ok(decided.into_iter().map(|(img, _)| img).collect())
+}
+
+/// What the link rules established about the chain ending at an image whose chain holds.
+#[derive(Debug, Clone)]
+pub struct Linked {
+    full: String,
+    block_size: u32,
+    granule: u32,
+    images: usize,
+}
+
+/// Why the chain ending at an image does not hold.
+#[derive(Debug, Clone)]
+pub enum Broken {
+    /// A link or an image of the chain is at fault: the same message for every point above it.
+    At(String),
+    /// The chain does not start with a full image.
+    NoFull,
+    /// The chain holds more than [`MAX_CHAIN`] images.
+    TooLong,
+}
+
+impl Broken {
+    /// The error for the restore point ending at image `point`.
+    pub fn error(&self, point: &str) -> anyhow::Error {
+        match self {
+            Broken::At(why) => anyhow!("{why}"),
+            Broken::NoFull => anyhow!("image {point}: its chain does not start with a full image"),
+            Broken::TooLong => {
+                anyhow!("image {point}: chain longer than {MAX_CHAIN} images (a parent loop?)")
+            }
         }
-        let p = repo.load_image(&parent.id).map_err(|e| {
-            e.context(format!(
-                "image {} needs its parent {}, which is damaged or missing",
-                last.id(),
-                parent.id
-            ))
-        })?;
-        if crate::format::hash_hex(&p.manifest_hash) != parent.manifest_blake3 {
-            bail!(
+    }
+}
+
+/// The verdict on the restore point ending at one image: whether its chain holds together.
+pub type Verdict = std::result::Result<Linked, Broken>;
+
+/// The one definition of a restore point whose chain holds together, decided point by point from
+/// the parent's point: restore (through [`resolve`]) and verify use it, so they cannot disagree.
+///
+/// The rules: the parent of every image of the chain loads (manifest and index checked) and is
+/// the image its child recorded (manifest hash); the oldest image is a full image; every image has
+/// its full's block size and granule (sizes may differ along a chain: a grown or shrunk device);
+/// the chain holds at most [`MAX_CHAIN`] images. A point's verdict is remembered, so deciding the
+/// points of a repository loads each image once, however long its chains.
+#[derive(Default)]
+pub struct Links {
+    /// Per image: its manifest hash and its point's verdict; or why it could not be loaded.
+    known: HashMap<String, std::result::Result<(Hash, Verdict), String>>,
+}
+
+impl Links {
+    /// The verdict on the point ending at `id`, when decided.
+    pub fn verdict(&self, id: &str) -> Option<&Verdict> {
+        match self.known.get(id) {
+            Some(Ok((_, verdict))) => Some(verdict),
+            _ => None,
+        }
+    }
+
+    /// Decides the point ending at `top` (loaded by the caller) and every undecided point below
+    /// it, loading each parent not known yet with `load`, once. Returns the images of the walk,
+    /// oldest first, each with its point's verdict (the last is `top`'s). A parent that fails to
+    /// load is remembered as such; a parent that loads but is not the image its child recorded ends
+    /// the walk and is not returned (its own point is decided when it is asked for).
+    pub fn decide(
+        &mut self,
+        top: Image,
+        mut load: impl FnMut(&str) -> Result<Image>,
+    ) -> Vec<(Image, Verdict)> {
+        let mut walk = vec![top];
+        // The verdict on the point below the walk's oldest image; None when that image has no parent.
+        let mut below: Option<Verdict> = loop {
+            let child = &walk[walk.len() - 1].manifest;
+            let Some(parent) = child.parent.clone() else {
+                break None;
+            };
+            if walk.len() >= MAX_CHAIN {
+                break Some(Err(Broken::TooLong));
+            }
+            let replaced = |hash: &Hash| crate::format::hash_hex(hash) != parent.manifest_blake3;
+            let replaced_error = Broken::At(format!(
                 "image {}: its parent {} has been replaced (manifest hash differs)",
-                last.id(),
-                parent.id
+                child.id, parent.id
+            ));
+            let damaged = |why: &str| {
+                Broken::At(format!(
+                    "image {} needs its parent {}, which is damaged or missing: {why}",
+                    child.id, parent.id
+                ))
+            };
+            match self.known.get(&parent.id) {
+                Some(Ok((hash, _))) if replaced(hash) => break Some(Err(replaced_error)),
+                Some(Ok((_, verdict))) => break Some(verdict.clone()),
+                Some(Err(why)) => break Some(Err(damaged(why))),
+                None => {}
+            }
+            match load(&parent.id) {
+                Err(e) => {
+                    let why = format!("{e:#}");
+                    let broken = damaged(&why);
+                    self.known.insert(parent.id, Err(why));
+                    break Some(Err(broken));
+                }
+                Ok(p) if replaced(&p.manifest_hash) => break Some(Err(replaced_error)),
+                Ok(p) => walk.push(p),
+            }
+        };
+        let mut decided = Vec::with_capacity(walk.len());
+        for img in walk.into_iter().rev() {
+            let verdict = extend(&img.manifest, below.as_ref());
+            self.known.insert(
+                img.id().to_string(),
+                Ok((img.manifest_hash, verdict.clone())),
             );
+            below = Some(verdict.clone());
+            decided.push((img, verdict));
         }
-        chain.push(p);
+        decided
     }
-    chain.reverse();
-    let full = &chain[0].manifest;
-    if full.kind != ImageKind::Full {
-        bail!("image {id}: its chain does not start with a full image");
-    }
-    // Sizes may differ along a chain (a grown or shrunk device); blocks and granules may not.
-    for img in &chain[1..] {
-        let m = &img.manifest;
-        if m.block_size != full.block_size || m.granule != full.granule {
-            bail!(
-                "image {}: block geometry differs from its full image {}",
-                m.id,
-                full.id
-            );
+}
+
+/// The verdict on the point ending at `m`, from the verdict on its parent's point (None: `m` has
+/// no parent) once the link between them holds; a broken parent point breaks this one.
+fn extend(m: &Manifest, parent: Option<&Verdict>) -> Verdict {
+    let Some(parent) = parent else {
+        if m.kind != ImageKind::Full {
+            return Err(Broken::NoFull);
         }
+        return Ok(Linked {
+            full: m.id.clone(),
+            block_size: m.block_size,
+            granule: m.granule,
+            images: 1,
+        });
+    };
+    let below = parent.as_ref().map_err(Clone::clone)?;
+    if below.images >= MAX_CHAIN {
+        return Err(Broken::TooLong);
     }
-    Ok(chain)
+    if m.block_size != below.block_size || m.granule != below.granule {
+        return Err(Broken::At(format!(
+            "image {}: block geometry differs from its full image {}",
+            m.id, below.full
+        )));
+    }
+    Ok(Linked {
+        images: below.images + 1,
+        ..below.clone()
+    })
 }
 
 /// Where a piece of a block comes from.
@@ -370,7 +493,22 @@ pub fn bad_ranges(img: &Image) -> Result<Vec<(u64, u64)>> {
 
 /// The ranges (offset, length) whose content is unknown at the restore point `chain` ends with:
 /// the union over the chain of each image's unreadable ranges, minus what a later image read
-/// successfully.
+/// successfully. The chain is folded oldest first with [`unknown_step`]; it starts at the newest
+/// image that read the whole source, which decides every byte by itself.
+pub fn unreadable_at(chain: &[Image]) -> Result<Vec<(u64, u64)>> {
+    let start = chain
+        .iter()
+        .rposition(|img| reads_whole_source(&img.manifest))
+        .unwrap_or(0);
+    let mut unknown = Vec::new();
+    for img in &chain[start..] {
+        unknown = unknown_step(img, &unknown)?;
+    }
+    Ok(ranges(&unknown))
+}
+
+/// The spans whose content is unknown at the point ending at `img`, from those unknown at its
+/// parent's point (`below`; empty for an image with no parent).
 ///
 /// The same newest-first rule as [`Planner`], with "read" in place of "holds": per byte, the
 /// newest image that tried to read it decides. An image that could not read it flags it (and,
@@ -378,44 +516,42 @@ pub fn bad_ranges(img: &Image) -> Result<Vec<(u64, u64)>> {
 /// restore gives); an image that read it clears it, stored or not (a compare-scan stores only what
 /// differs from its parent, but it read everything). A full image and a compare-scan read the
 /// whole source; a tracked image read exactly what its index holds. Bytes at or past an image's
-/// source size are zero from that image on, so known. Linear in the ranges and entries it visits,
-/// and it stops at the first image that read the whole source.
-pub fn unreadable_at(chain: &[Image]) -> Result<Vec<(u64, u64)>> {
-    let Some(last) = chain.last() else {
-        return Ok(Vec::new());
-    };
-    let mut open = vec![(0u64, last.manifest.source.size)];
-    let mut flagged: Vec<(u64, u64)> = Vec::new();
-    for img in chain.iter().rev() {
-        if open.is_empty() {
-            break;
-        }
-        let m = &img.manifest;
-        let bad: Vec<(u64, u64)> = bad_ranges(img)?
-            .into_iter()
-            .map(|(o, l)| (o, o + l))
-            .collect();
-        flagged.extend(spans::intersect(&open, &bad));
-        open = spans::subtract(&open, &bad);
-        let read: Vec<(u64, u64)> = match m.method {
-            crate::format::Method::Tracked => {
-                let mut read = Vec::new();
-                for i in 0..img.index.len() {
-                    let e = entry(img, i)?;
-                    read.push((e.offset, e.end()));
-                }
-                spans::merged(read.into_iter())
-            }
-            _ => vec![(0, m.source.size)],
-        };
-        open = spans::subtract(&open, &read);
-        open = spans::subtract(&open, &[(m.source.size, u64::MAX)]);
-    }
-    flagged.sort_unstable();
-    Ok(spans::merged(flagged.into_iter())
+/// source size are zero from that image on, so known. Linear in the ranges and entries it visits.
+pub fn unknown_step(img: &Image, below: &[(u64, u64)]) -> Result<Vec<(u64, u64)>> {
+    let m = &img.manifest;
+    let inside = [(0, m.source.size)];
+    let mut bad: Vec<(u64, u64)> = bad_ranges(img)?
         .into_iter()
-        .map(|(s, e)| (s, e - s))
-        .collect())
+        .map(|(o, l)| (o, o.saturating_add(l)))
+        .collect();
+    bad.sort_unstable();
+    let bad = spans::intersect(&inside, &spans::merged(bad.into_iter()));
+    let read: Vec<(u64, u64)> = if reads_whole_source(m) {
+        inside.to_vec()
+    } else {
+        let mut read = Vec::new();
+        for i in 0..img.index.len() {
+            let e = entry(img, i)?;
+            read.push((e.offset, e.end()));
+        }
+        spans::merged(read.into_iter())
+    };
+    let undecided = spans::subtract(&spans::intersect(below, &inside), &bad);
+    let mut unknown = bad;
+    unknown.extend(spans::subtract(&undecided, &read));
+    unknown.sort_unstable();
+    Ok(spans::merged(unknown.into_iter()))
+}
+
+/// Whether an image read its whole source (a full image, a compare-scan), rather than only what a
+/// tracker said changed.
+fn reads_whole_source(m: &Manifest) -> bool {
+    m.method != crate::format::Method::Tracked
+}
+
+/// Spans `(start, end)` as ranges `(offset, length)`.
+pub fn ranges(spans: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    spans.iter().map(|&(s, e)| (s, e - s)).collect()
 }
 
 /// Operations on ascending, disjoint half-open byte spans `(start, end)`, each linear.

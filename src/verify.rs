@@ -2,6 +2,7 @@
 //! (header, crc, decoded length, blake3) and each segment against the manifest's hash; then say,
 //! per restore point, whether its whole chain is intact.
 
+use crate::chain;
 use crate::format::{
     segment_file_name, FrameHeader, SegmentHeader, FRAME_HEADER_LEN, SEGMENT_HEADER_LEN,
 };
@@ -10,14 +11,14 @@ use crate::reader::decode_checked;
 use crate::repo::{image_error, Image, Repository};
 use anyhow::{anyhow, Result};
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufReader, Read};
 
 /// Error messages kept per image; past this many, damage is counted but not listed.
 const MAX_ERRORS: usize = 20;
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ImageStatus {
     pub id: String,
     pub name: Option<String>,
@@ -46,9 +47,15 @@ pub fn run(
     image: Option<&str>,
     progress: &Progress,
 ) -> Result<VerifyReport> {
+    let selected = select(repo, name, image)?;
+    Ok(verify(repo, &selected, progress, &|id| repo.load_image(id)))
+}
+
+/// The images a verify reports on, in the repository's order.
+fn select(repo: &Repository, name: Option<&str>, image: Option<&str>) -> Result<Vec<String>> {
     // A manifest that cannot be read has no known name: it is reported with every selection, as
     // it may belong to the name asked for.
-    let selected: Vec<String> = match (name, image) {
+    Ok(match (name, image) {
         (_, Some(id)) => {
             repo.select_image(name, Some(id))?;
             vec![id.to_string()]
@@ -73,61 +80,215 @@ pub fn run(
                 .chain(cat.unreadable.into_iter().map(|(id, _)| id))
                 .collect()
         }
+    })
+}
+
+/// One image as verify found it.
+struct Checked {
+    status: ImageStatus,
+    /// Why the image could not be loaded (its manifest or index), when it could not.
+    load_error: Option<String>,
+}
+
+/// Byte spans `(start, end)`, ascending and disjoint.
+type Spans = Vec<(u64, u64)>;
+
+/// What verify knows of a restore point whose chain holds together ([`chain::Links`]).
+struct Point {
+    /// The newest damaged image of its chain, itself included.
+    damaged: Option<String>,
+    /// What is unknown at it (spans), while a point above it may still need it; None once no
+    /// point does, or when the chain holds a damaged image.
+    unknown: Option<std::result::Result<Spans, String>>,
+    /// Its report: what is unreadable at it, or why that could not be told.
+    unreadable: Option<std::result::Result<crate::chain::Unreadable, String>>,
+}
+
+/// Checks every selected image and every image a selected point depends on, each once (`load`
+/// loads an image: the repository's loader, or a test's counting one), and decides each point from
+/// its parent's point: a point is restorable when its image is intact, its chain holds together
+/// (the rules restore uses, [`chain::Links`]), every image of its chain is intact, and what is
+/// unreadable at it can be told. Each point costs one step beyond checking its own image, so a
+/// verify is linear in the repository, however long its chains.
+fn verify(
+    repo: &Repository,
+    selected: &[String],
+    progress: &Progress,
+    load: &dyn Fn(&str) -> Result<Image>,
+) -> VerifyReport {
+    let mut checked: HashMap<String, Checked> = HashMap::new();
+    let mut links = chain::Links::default();
+    let mut points: HashMap<String, Point> = HashMap::new();
+    let wanted: HashSet<&str> = selected.iter().map(String::as_str).collect();
+    let mut children = children_of_points(repo, selected);
+    // An image is checked once; one asked for again (a damaged point whose chain was not needed
+    // then, or a parent its child did not record) is loaded again but not checked again.
+    let obtain = |checked: &mut HashMap<String, Checked>, id: &str| -> Result<Image> {
+        if let Some(c) = checked.get_mut(id) {
+            if let Some(why) = &c.load_error {
+                return Err(anyhow!("{why}"));
+            }
+            let again = load(id);
+            if let Err(e) = &again {
+                // It loaded when it was checked: it changed since.
+                c.status.status = "damaged";
+                c.status.errors.push(format!("{e:#}"));
+                c.load_error = Some(format!("{e:#}"));
+            }
+            return again;
+        }
+        let loaded = load(id);
+        let status = check_image(id, loaded.as_ref(), progress);
+        let load_error = loaded.as_ref().err().map(|e| format!("{e:#}"));
+        checked.insert(id.to_string(), Checked { status, load_error });
+        loaded
     };
-    // Check each image once, including ancestors the selected ones depend on. Whether a point is
-    // restorable is decided by the same chain resolution restore uses (manifests present, parent
-    // hashes, block geometry), so verify and restore cannot disagree.
-    let mut checked: HashMap<String, bool> = HashMap::new();
-    let mut images = Vec::new();
-    for id in &selected {
-        let mut status = check_image(repo, id, progress);
-        checked.insert(id.clone(), intact(status.status));
-        status.restorable = intact(status.status);
-        if !status.restorable {
-            images.push(status);
+    for id in selected {
+        if links.verdict(id).is_some() || checked.get(id).is_some_and(|c| !intact(c.status.status))
+        {
             continue;
         }
-        match crate::chain::resolve(repo, id) {
-            Err(e) => {
-                status.restorable = false;
-                status.errors.push(format!("not restorable: {e:#}"));
+        let top = match obtain(&mut checked, id) {
+            Ok(img) if intact(checked[id.as_str()].status.status) => img,
+            // A damaged image is not restorable whatever its chain: that chain is not walked now.
+            _ => continue,
+        };
+        let decided = links.decide(top, |parent| obtain(&mut checked, parent));
+        for (img, verdict) in decided {
+            let id = img.id();
+            let parent = img.manifest.parent.as_ref().map(|p| p.id.as_str());
+            if verdict.is_ok() {
+                let point = point_on(&img, parent.map(|p| &points[p]), &checked, &children);
+                let point = Point {
+                    unreadable: point.unreadable.filter(|_| wanted.contains(id)),
+                    ..point
+                };
+                points.insert(id.to_string(), point);
             }
-            Ok(chain) => {
-                for ancestor in chain.iter().rev().skip(1) {
-                    let aid = ancestor.id().to_string();
-                    let ok = *checked
-                        .entry(aid.clone())
-                        .or_insert_with(|| intact(check_image(repo, &aid, progress).status));
-                    if !ok {
-                        status.restorable = false;
-                        status
-                            .errors
-                            .push(format!("depends on damaged image {aid}"));
-                        break;
-                    }
-                }
-                if status.restorable {
-                    match crate::chain::unreadable_at(&chain) {
-                        Ok(u) => status.unreadable = Some(crate::chain::Unreadable::summary(&u)),
-                        Err(e) => {
-                            status.restorable = false;
-                            status.errors.push(format!("{e:#}"));
+            // The parent's unknown spans are kept until its last child has used them.
+            if let Some(p) = parent {
+                if let Some(left) = children.get_mut(p) {
+                    *left = left.saturating_sub(1);
+                    if *left == 0 {
+                        if let Some(b) = points.get_mut(p) {
+                            b.unknown = None;
                         }
                     }
                 }
             }
         }
-        images.push(status);
     }
+    let images: Vec<ImageStatus> = selected
+        .iter()
+        .map(|id| {
+            let mut status = checked[id.as_str()].status.clone();
+            status.restorable = intact(status.status);
+            if !status.restorable {
+                return status;
+            }
+            let verdict = links
+                .verdict(id)
+                .expect("an intact selected image is decided");
+            if let Err(broken) = verdict {
+                status.restorable = false;
+                status
+                    .errors
+                    .push(format!("not restorable: {:#}", broken.error(id)));
+                return status;
+            }
+            let point = &points[id.as_str()];
+            if let Some(damaged) = &point.damaged {
+                status.restorable = false;
+                status
+                    .errors
+                    .push(format!("depends on damaged image {damaged}"));
+                return status;
+            }
+            match point.unreadable.clone().expect("a selected point's report") {
+                Ok(u) => status.unreadable = Some(u),
+                Err(e) => {
+                    status.restorable = false;
+                    status.errors.push(e);
+                }
+            }
+            status
+        })
+        .collect();
     let ok = images.iter().all(|i| intact(i.status) && i.restorable);
-    Ok(VerifyReport { ok, images })
+    VerifyReport { ok, images }
+}
+
+/// The point ending at `img`, whose chain holds together, from its parent's point (`below`; None
+/// for a full image).
+fn point_on(
+    img: &Image,
+    below: Option<&Point>,
+    checked: &HashMap<String, Checked>,
+    children: &HashMap<String, usize>,
+) -> Point {
+    let id = img.id();
+    let damaged = if intact(checked[id].status.status) {
+        below.and_then(|b| b.damaged.clone())
+    } else {
+        Some(id.to_string())
+    };
+    if damaged.is_some() {
+        return Point {
+            damaged,
+            unknown: None,
+            unreadable: None,
+        };
+    }
+    let unknown = match below.map(|b| &b.unknown) {
+        None => chain::unknown_step(img, &[]).map_err(|e| format!("{e:#}")),
+        Some(Some(Ok(u))) => chain::unknown_step(img, u).map_err(|e| format!("{e:#}")),
+        Some(Some(Err(e))) => Err(e.clone()),
+        // Only a manifest that changed during the verify can make a point need what was dropped.
+        Some(None) => Err(format!(
+            "image {id}: the repository changed while it was verified; run verify again"
+        )),
+    };
+    let unreadable = Some(match &unknown {
+        Ok(u) => Ok(chain::Unreadable::summary(&chain::ranges(u))),
+        Err(e) => Err(e.clone()),
+    });
+    Point {
+        damaged,
+        unknown: Some(unknown).filter(|_| children.get(id).is_some_and(|&n| n > 0)),
+        unreadable,
+    }
+}
+
+/// How many images name each image as their parent, among the selected images and every image
+/// their chains reach (manifests only): a point's unknown spans are kept while a point above it
+/// may need them, and no longer. A manifest that cannot be read ends its chain here; the walk of
+/// the points finds out why.
+fn children_of_points(repo: &Repository, selected: &[String]) -> HashMap<String, usize> {
+    let mut children: HashMap<String, usize> = HashMap::new();
+    let mut seen: HashSet<String> = HashSet::new();
+    for id in selected {
+        let mut at = id.clone();
+        while seen.insert(at.clone()) {
+            let Some(parent) = repo.load_manifest(&at).ok().and_then(|(m, _)| m.parent) else {
+                break;
+            };
+            *children.entry(parent.id.clone()).or_default() += 1;
+            at = parent.id;
+        }
+    }
+    children
 }
 
 pub fn intact(status: &str) -> bool {
     status == "ok" || status == "intact-with-bad-sectors"
 }
 
-fn check_image(repo: &Repository, id: &str, progress: &Progress) -> ImageStatus {
+/// Checks one image: `loaded` is how loading it went (its index was read and hashed then).
+fn check_image(
+    id: &str,
+    loaded: std::result::Result<&Image, &anyhow::Error>,
+    progress: &Progress,
+) -> ImageStatus {
     let mut st = ImageStatus {
         id: id.to_string(),
         name: None,
@@ -138,7 +299,7 @@ fn check_image(repo: &Repository, id: &str, progress: &Progress) -> ImageStatus 
         errors: Vec::new(),
         unreadable: None,
     };
-    let img = match repo.load_image(id) {
+    let img = match loaded {
         Ok(img) => img,
         Err(e) => {
             st.status = "damaged";
@@ -153,11 +314,11 @@ fn check_image(repo: &Repository, id: &str, progress: &Progress) -> ImageStatus 
     // The writer appends frames in index order, so one pass over the index visits every
     // segment's frames in file order; the index is never held in memory.
     let mut stored = (0..img.index.len())
-        .map(|i| crate::chain::entry(&img, i))
+        .map(|i| crate::chain::entry(img, i))
         .filter(|r| r.as_ref().map_or(true, |e| e.kind.codec().is_some()))
         .peekable();
     for seg in &img.manifest.segments {
-        if let Err(e) = check_segment(&img, seg.number, &mut stored, &mut st, progress) {
+        if let Err(e) = check_segment(img, seg.number, &mut stored, &mut st, progress) {
             st.errors.push(format!("{e:#}"));
             // Skip what the failed segment's frames left unread.
             while stored
@@ -181,7 +342,7 @@ fn check_image(repo: &Repository, id: &str, progress: &Progress) -> ImageStatus 
         st.errors.truncate(MAX_ERRORS);
         st.errors.push(format!("... and {more} more"));
     }
-    if let Err(e) = crate::chain::bad_ranges(&img) {
+    if let Err(e) = crate::chain::bad_ranges(img) {
         st.errors.push(format!("{e:#}"));
     }
     if !st.errors.is_empty() {
@@ -281,4 +442,83 @@ fn check_segment(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::{BackupOptions, MaxBad};
+    use std::cell::Cell;
+    use std::os::unix::fs::FileExt;
+
+    /// Images in the chain: long enough that a walk of every point's whole chain (what verify did)
+    /// loads thousands of images more than once each.
+    const CHAIN: usize = 200;
+
+    /// A chain of `CHAIN` images made by real backups of a small file (a full, then compare-scan
+    /// incrementals each changing one granule).
+    fn chain_repository(dir: &std::path::Path, repo_dir: &std::path::Path) -> Repository {
+        let src = dir.join("d.img");
+        let granule = 64 << 10;
+        std::fs::write(&src, vec![7u8; 8 * granule]).unwrap();
+        let opts = BackupOptions {
+            source: src.clone(),
+            repo: repo_dir.to_path_buf(),
+            name: Some("t".into()),
+            kind: None,
+            level: 1,
+            segment_size: 1 << 30,
+            block_size: 1 << 20,
+            state_dir: dir.join("state"),
+            max_bad: MaxBad::Default,
+        };
+        let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+        for i in 0..CHAIN {
+            let g = (i % 8) as u64 * granule as u64;
+            f.write_all_at(&[(i % 251) as u8 + 1; 4096], g).unwrap();
+            crate::backup::run(&opts, &Progress::hidden()).expect("backup");
+        }
+        Repository::open(repo_dir).unwrap()
+    }
+
+    /// Verify reports each point of the chain restorable and loads each image once: whether a
+    /// point is restorable is decided from its parent's point, not by walking its whole chain
+    /// again (CHAIN² / 2 = 20,100 loads for this chain).
+    #[test]
+    fn verify_of_a_long_chain_loads_each_image_once() {
+        // The source is read with O_DIRECT, which tmpfs refuses; the repository's many small
+        // synced files are quicker on tmpfs.
+        let temp = |under: &str| {
+            tempfile::Builder::new()
+                .prefix("cairn-test-")
+                .tempdir_in(under)
+                .unwrap_or_else(|e| panic!("precondition missing: a temp dir under {under}: {e}"))
+        };
+        let (dir, repo_dir) = (temp("/var/tmp"), temp("/dev/shm"));
+        let repo = chain_repository(dir.path(), repo_dir.path());
+        let loads = Cell::new(0usize);
+        let counting = |id: &str| {
+            loads.set(loads.get() + 1);
+            repo.load_image(id)
+        };
+        let all = select(&repo, None, None).unwrap();
+        assert_eq!(all.len(), CHAIN);
+        let report = verify(&repo, &all, &Progress::hidden(), &counting);
+        assert!(report.ok, "{report:?}");
+        for st in &report.images {
+            assert!(st.restorable, "{st:?}");
+            assert_eq!(st.unreadable.as_ref().map(|u| u.count), Some(0), "{st:?}");
+        }
+        assert_eq!(
+            loads.get(),
+            CHAIN,
+            "verify of every point of a {CHAIN}-image chain loads each image once"
+        );
+        // The newest point alone: its whole chain, each image once.
+        loads.set(0);
+        let newest = vec![all[CHAIN - 1].clone()];
+        let report = verify(&repo, &newest, &Progress::hidden(), &counting);
+        assert!(report.ok && report.images[0].restorable, "{report:?}");
+        assert_eq!(loads.get(), CHAIN);
+    }
 }

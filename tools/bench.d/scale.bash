@@ -10,7 +10,11 @@
 #      restore walks the whole plan and writes nothing: every block is zero);
 #   3. synth_image many 10000: 10,000 full images of a 64 KiB source, then cairn list, a real
 #      cairn backup of a 64 KiB file into that repository, cairn restore of it (compared), and
-#      cairn verify --image of it.
+#      cairn verify --image of it;
+#   4. synth_image chain 1000: one chain of 1,000 images of a 64 KiB source (a full, then 999
+#      incrementals, each the child of the one before), then cairn verify of the whole repository
+#      (1,000 restore points, each depending on every image before it) and cairn verify --image of
+#      the newest point.
 #
 # Usage: tools/bench.d/scale.bash CAIRN SYNTH WORKDIR   (tools/bench --only scale calls it)
 set -euo pipefail
@@ -60,11 +64,18 @@ timed "restore it" "$CAIRN" restore "$DIR/many" "$DIR/out.img" --name many --yes
 cmp "$DIR/small.img" "$DIR/out.img" || { echo "tools/bench: error: restore MISMATCH" >&2; exit 1; }
 ID=$("$CAIRN" list "$DIR/many" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
 timed "verify --image it" "$CAIRN" verify "$DIR/many" --image "$ID" -q
+rm -rf "$DIR/many"
+
+log "a chain of 1,000 images"
+timed "write a chain of 1,000 images (synth_image)" "$SYNTH" "$DIR/chain" chain 1000
+timed "verify the chain (1,000 points)" "$CAIRN" verify "$DIR/chain" -q
+NEWEST=$("$CAIRN" list "$DIR/chain" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
+timed "verify --image its newest point" "$CAIRN" verify "$DIR/chain" --image "$NEWEST" -q
 
 echo
 echo "#### Scale (\`tools/bench --only scale\`, measured $(date -u +%F))"
 echo
-echo "Synthetic 16 TiB image: 16,777,216 index entries, index file $INDEX_BYTES bytes; a repository of 10,000 images. Page cache dropped before each command. Host: $(nproc) cores, $(free -g | awk '/^Mem:/{print $2}') GiB RAM, Linux $(uname -r)."
+echo "Synthetic 16 TiB image: 16,777,216 index entries, index file $INDEX_BYTES bytes; a repository of 10,000 images; a chain of 1,000 images of a 64 KiB source. Page cache dropped before each command. Host: $(nproc) cores, $(free -g | awk '/^Mem:/{print $2}') GiB RAM, Linux $(uname -r)."
 echo
 echo "| step | command | wall time (s) | peak RSS (MiB) |"
 echo "|---|---|---:|---:|"
