@@ -271,6 +271,15 @@ pub fn serve(
     let repo = Repository::open(&opts.repo)?;
     // Held until this process ends: a writer (backup, prune) is refused meanwhile.
     let _lock = repo.lock_shared()?;
+    if let Some(id) = opts.image.as_deref() {
+        if crate::format::valid_image_id(id) && !repo.images_dir().join(id).exists() {
+            bail!(
+                "no image {id} in {} (`cairn list {}` shows them)",
+                opts.repo.display(),
+                opts.repo.display()
+            );
+        }
+    }
     let id = repo.select_image(opts.name.as_deref(), opts.image.as_deref())?;
     let chain =
         chain::resolve(&repo, &id).with_context(|| format!("image {id} cannot be mounted"))?;
@@ -654,7 +663,10 @@ fn background_child(opts: &MountOptions, log: &Path, tx: OwnedFd) -> i32 {
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
             match tx.take() {
+                // Not ready yet: the error goes to the command, and there is no mount whose log
+                // anybody would read.
                 Some(mut t) => {
+                    let _ = std::fs::remove_file(log);
                     let _ = t.write_all(format!("error\n{msg}").as_bytes());
                 }
                 None => tracing::error!("{msg}"),

@@ -50,12 +50,16 @@ pub fn remove(dir: &Path) {
     let _ = std::fs::remove_file(path_for(dir));
 }
 
-/// A process's start time in clock ticks since boot, or None when it does not exist.
+/// A running process's start time in clock ticks since boot; None when it does not exist or
+/// has exited (a zombie not yet reaped).
 pub fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces: count after it.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace();
+    if matches!(rest.next(), Some("Z" | "X")) {
+        return None;
+    }
+    rest.nth(18)?.parse().ok()
 }
 
 /// True when the record's process is still the one that wrote it.
