@@ -411,3 +411,95 @@ fn umount_clears_everything_after_the_server_was_killed() {
     let left = leftovers(view.path());
     assert!(left.is_empty(), "left behind:\n{}", left.join("\n"));
 }
+
+/// Waits (bounded) until a foreground `cairn mount` says it is serving.
+fn wait_serving(bg: &mut Bg, stdout: &Path) {
+    let ready = (0..1000).any(|_| {
+        if fs::read_to_string(stdout).is_ok_and(|t| t.contains("Serving until")) {
+            return true;
+        }
+        assert!(bg.running(), "the mount ended before it was ready");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        false
+    });
+    assert!(ready, "the foreground mount did not get ready");
+}
+
+#[test]
+fn a_foreground_mount_ends_on_sigterm_and_on_umount_and_refuses_to_pull_a_busy_filesystem() {
+    let t = tempdir();
+    let src = t.path().join("fs.img");
+    let repo = t.path().join("repo");
+    // An image without partitions: its filesystem is DIR/fs.
+    write_sparse_file(&src, 32 * MIB);
+    mkfs_ext4(s(&src));
+    let m = Mount::new(s(&src), &t.path().join("work"), Some("loop"));
+    populate_tree(&m.dir, 9);
+    let files = hash_tree(&m.dir);
+    m.unmount();
+    backup(s(&src), &repo, "f", &[]);
+    let view = MountDir::new(t.path(), "view");
+
+    // Ended by SIGTERM.
+    let mut bg = Bg::spawn(&["mount", s(&repo), s(view.path())], t.path(), "fg1");
+    wait_serving(&mut bg, &t.path().join("fg1.stdout"));
+    assert_eq!(hash_tree(&view.path().join("fs")), files);
+    assert_same_content(&view.path().join("disk"), &src);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(bg.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    bg.finish().ok();
+    let left = leftovers(view.path());
+    assert!(left.is_empty(), "SIGTERM left behind:\n{}", left.join("\n"));
+
+    // Ended by `cairn umount`, once the file held open in it is closed.
+    let mut bg = Bg::spawn(&["mount", s(&repo), s(view.path())], t.path(), "fg2");
+    wait_serving(&mut bg, &t.path().join("fg2.stdout"));
+    let held = fs::File::open(view.path().join("fs/random.bin")).unwrap();
+    let busy = cairn(&["umount", s(view.path())]);
+    busy.error();
+    assert!(busy.error_line().contains("busy"), "{}", busy.describe());
+    // Nothing was pulled away: the open file and the view still read right.
+    let mut head = vec![0u8; 4096];
+    held.read_exact_at(&mut head, 0).unwrap();
+    assert_eq!(hash_tree(&view.path().join("fs")), files);
+    assert!(bg.running(), "a refused umount leaves the server serving");
+    drop(held);
+    view.umount();
+    bg.finish().ok();
+}
+
+#[test]
+fn parallel_readers_get_the_right_bytes() {
+    require_root();
+    let t = tempdir();
+    let src = t.path().join("src.img");
+    let repo = t.path().join("repo");
+    write_mixed_file(&src, 24 * MIB, 31);
+    backup(s(&src), &repo, "f", &[]);
+    let view = MountDir::new(t.path(), "view");
+    view.mount(&repo, &["--raw"]);
+    let want = fs::read(&src).unwrap();
+    let disk = view.path().join("disk");
+    std::thread::scope(|scope| {
+        for k in 0..4u64 {
+            let (want, disk) = (&want, &disk);
+            scope.spawn(move || {
+                let f = fs::File::open(disk).unwrap();
+                // Each reader walks the disk from its own start, in odd-sized steps.
+                let step = 300_001 + k as usize * 77_777;
+                let mut buf = vec![0u8; step];
+                let mut off = (k * 6 * MIB) as usize;
+                for _ in 0..want.len() / step {
+                    let n = step.min(want.len() - off);
+                    f.read_exact_at(&mut buf[..n], off as u64).unwrap();
+                    assert!(buf[..n] == want[off..off + n], "reader {k} at {off}");
+                    off = (off + n) % want.len();
+                }
+            });
+        }
+    });
+    view.umount();
+}

@@ -289,6 +289,19 @@ pub fn serve(
             warnings.push(format!("{e:#}; reads of its blocks fail with EIO"));
         }
     }
+    // Signals are taken by sigwait below, never by a handler: blocked before the first thread
+    // (read-ahead) starts, so every thread inherits the mask and none can die of one or swallow
+    // it. One arriving from here on waits until everything is set up.
+    let mut signals = SigSet::empty();
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+    ] {
+        signals.add(s);
+    }
+    signals.thread_block().context("cannot block signals")?;
     let point: &'static RestorePoint = Box::leak(Box::new(RestorePoint::new(id.clone(), chain)));
     let source = BlockSource::with_read_ahead(point, CACHE_BYTES);
     let table = read_table(&source, point, &mut warnings);
@@ -305,18 +318,6 @@ pub fn serve(
         image: id.clone(),
         log: log.clone(),
     })?;
-    // Signals are taken by sigwait below, never by a handler: blocked before any thread starts,
-    // so every thread inherits the mask.
-    let mut signals = SigSet::empty();
-    for s in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGUSR1,
-    ] {
-        signals.add(s);
-    }
-    signals.thread_block().context("cannot block signals")?;
 
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -601,6 +602,16 @@ fn end_server(s: &state::State) -> Result<()> {
 pub fn serve_in_background(opts: &MountOptions) -> Result<MountReport> {
     // Checked here too so a plain mistake is reported before anything forks.
     let dir = check_dir(&opts.dir)?;
+    // The server leaves the working directory (it would keep that filesystem busy), so the
+    // paths it is given must not depend on it.
+    let opts = &MountOptions {
+        repo: std::path::absolute(&opts.repo)
+            .with_context(|| format!("cannot resolve {}", opts.repo.display()))?,
+        dir: dir.clone(),
+        name: opts.name.clone(),
+        image: opts.image.clone(),
+        raw: opts.raw,
+    };
     std::fs::create_dir_all(state::RUN_DIR)
         .with_context(|| format!("cannot create {}", state::RUN_DIR))?;
     let log = state::log_path_for(&dir);
@@ -638,6 +649,7 @@ fn background_child(opts: &MountOptions, log: &Path, tx: OwnedFd) -> i32 {
     let mut tx = Some(std::fs::File::from(tx));
     let detached = (|| -> Result<()> {
         nix::unistd::setsid()?;
+        std::env::set_current_dir("/")?;
         let null = std::fs::File::open("/dev/null")?;
         let logf = std::fs::OpenOptions::new()
             .create(true)

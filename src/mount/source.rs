@@ -10,8 +10,9 @@ use crate::chain::Planner;
 use crate::reader::BlockDecoder;
 use crate::repo::Image;
 use anyhow::{anyhow, Result};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Blocks read ahead of a sequential reader.
 const READ_AHEAD_BLOCKS: u64 = 2;
@@ -68,6 +69,34 @@ impl Decoder {
     }
 }
 
+/// A decode in progress, and its outcome for the readers waiting on it.
+#[derive(Default)]
+struct Loading {
+    done: Mutex<Option<Result<Arc<[u8]>, String>>>,
+    ready: Condvar,
+}
+
+struct Finish<'a> {
+    loading: &'a Mutex<HashMap<u64, Arc<Loading>>>,
+    block: u64,
+    slot: &'a Loading,
+}
+
+impl Drop for Finish<'_> {
+    fn drop(&mut self) {
+        lock(&self.slot.done)
+            .get_or_insert_with(|| Err(format!("decoding block {} failed", self.block)));
+        self.slot.ready.notify_all();
+        lock(self.loading).remove(&self.block);
+    }
+}
+
+/// The data under these locks is whole values swapped in and out: a panicking holder cannot
+/// leave them half-updated.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Why a read failed: the block and the reader's error (which names image, segment and offset).
 pub struct ReadFailure {
     pub block: u64,
@@ -79,6 +108,10 @@ pub struct BlockSource {
     cache: BlockCache,
     /// Idle decoders; a reader takes one (or makes one) and puts it back.
     idle: Mutex<Vec<Decoder>>,
+    /// Blocks being decoded now: a reader asking for one waits for that decode instead of
+    /// doing it again (the kernel splits one sequential read into requests served in parallel,
+    /// often inside the same block).
+    loading: Mutex<HashMap<u64, Arc<Loading>>>,
     /// The block after the last one read, to notice a sequential reader.
     last_end: AtomicU64,
     ahead: Option<crossbeam_channel::Sender<u64>>,
@@ -91,6 +124,7 @@ impl BlockSource {
             point,
             cache: BlockCache::new(cache_bytes),
             idle: Mutex::new(Vec::new()),
+            loading: Mutex::new(HashMap::new()),
             last_end: AtomicU64::new(u64::MAX),
             ahead: None,
         })
@@ -104,6 +138,7 @@ impl BlockSource {
             point,
             cache: BlockCache::new(cache_bytes),
             idle: Mutex::new(Vec::new()),
+            loading: Mutex::new(HashMap::new()),
             last_end: AtomicU64::new(u64::MAX),
             ahead: Some(tx),
         });
@@ -140,16 +175,59 @@ impl BlockSource {
         if let Some(b) = self.cache.get(block) {
             return Ok(b);
         }
-        let taken = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let (slot, first) = {
+            let mut loading = lock(&self.loading);
+            // Checked again under the lock: the decode may have finished meanwhile (it is
+            // cached before its slot goes).
+            if let Some(b) = self.cache.get(block) {
+                return Ok(b);
+            }
+            match loading.get(&block) {
+                Some(s) => (s.clone(), false),
+                None => {
+                    let s = Arc::new(Loading::default());
+                    loading.insert(block, s.clone());
+                    (s, true)
+                }
+            }
+        };
+        if !first {
+            let mut done = lock(&slot.done);
+            while done.is_none() {
+                done = slot.ready.wait(done).unwrap_or_else(|p| p.into_inner());
+            }
+            return match done.as_ref().expect("set") {
+                Ok(b) => Ok(b.clone()),
+                Err(msg) => Err(anyhow!("{msg}")),
+            };
+        }
+        // Wakes the waiters and clears the slot however this ends (a panic included).
+        let finish = Finish {
+            loading: &self.loading,
+            block,
+            slot: &slot,
+        };
+        let result = self.decode(block);
+        if let Ok(b) = &result {
+            self.cache.insert(block, b.clone());
+        }
+        *lock(&slot.done) = Some(match &result {
+            Ok(b) => Ok(b.clone()),
+            Err(e) => Err(format!("{e:#}")),
+        });
+        drop(finish);
+        result
+    }
+
+    fn decode(&self, block: u64) -> Result<Arc<[u8]>> {
+        let taken = lock(&self.idle).pop();
         let mut d = match taken {
             Some(d) => d,
             None => Decoder::new(self.point)?,
         };
         let result = d.block(block);
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(d);
-        let data: Arc<[u8]> = result?.into();
-        self.cache.insert(block, data.clone());
-        Ok(data)
+        lock(&self.idle).push(d);
+        Ok(result?.into())
     }
 
     /// Fills `out` with the restore point's bytes from `offset` (which must lie inside it, with
