@@ -10,6 +10,7 @@ pub mod device;
 pub mod disks;
 pub mod format;
 pub mod list;
+pub mod mount;
 pub mod pipeline;
 pub mod progress;
 pub mod ptable;

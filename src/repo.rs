@@ -24,6 +24,13 @@ pub struct RepoLock {
     _file: File,
 }
 
+/// Holds the repository's lock in shared mode until dropped: a reader (a mount) that needs every
+/// image it uses to stay; the writer lock is refused while one is held.
+pub struct SharedRepoLock {
+    /// None on read-only media, where no writer can take the lock either.
+    _file: Option<File>,
+}
+
 impl Repository {
     /// Opens an existing repository for reading.
     pub fn open(root: &Path) -> Result<Repository> {
@@ -133,6 +140,51 @@ impl Repository {
         file.set_len(0)?;
         file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0)?;
         Ok(RepoLock { _file: file })
+    }
+
+    /// Takes the lock in shared mode, refusing (not waiting) while a writer holds it. Several
+    /// readers can hold it at once; the lock file is not written (it names the last writer).
+    pub fn lock_shared(&self) -> Result<SharedRepoLock> {
+        let path = self.root.join("lock");
+        // Read-only is enough for flock, and lets a repository on read-only media be mounted; a
+        // lock file that cannot even be created there means no writer can exist either.
+        let file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .mode(0o600)
+                    .open(&path)
+                {
+                    Ok(f) => f,
+                    Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
+                        return Ok(SharedRepoLock { _file: None })
+                    }
+                    Err(e) => {
+                        return Err(e)
+                            .with_context(|| format!("cannot create lock file {}", path.display()))
+                    }
+                }
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot open lock file {}", path.display()))
+            }
+        };
+        // SAFETY: flock takes an open descriptor and an operation constant; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+            let e = nix::errno::Errno::last();
+            if e == nix::errno::Errno::EWOULDBLOCK {
+                bail!(
+                    "repository {} is being written by another cairn process; wait for it to finish and retry",
+                    self.root.display()
+                );
+            }
+            return Err(anyhow!(e).context(format!("cannot lock {}", path.display())));
+        }
+        Ok(SharedRepoLock { _file: Some(file) })
     }
 
     /// Removes what interrupted backups left in tmp/. Call with the lock held.

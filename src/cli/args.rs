@@ -60,6 +60,52 @@ pub(super) enum Command {
     Show(ShowArgs),
     /// The block devices of this machine, as you check them before overwriting one.
     Disks,
+    /// Show a restore point read-only under DIR: its disk, its partitions, their filesystems.
+    #[command(long_about = MOUNT_ABOUT)]
+    Mount(MountArgs),
+    /// End a `cairn mount`: unmount its filesystems, detach its loop devices, end the view (also
+    /// after the mount's process was killed).
+    Umount(UmountArgs),
+}
+
+const MOUNT_ABOUT: &str = "Show a restore point read-only under DIR, without writing anything anywhere: \
+copy single files out, compare, or boot it (qemu -drive file=DIR/disk,format=raw,snapshot=on).\n\n\
+Layout:\n  \
+DIR/disk      the whole restore point, exactly the source's size\n  \
+DIR/pN        partition N's filesystem, mounted read-only; or, when it cannot be mounted\n                \
+here, its raw bytes as a file (a one-line note says why)\n  \
+DIR/fs        the filesystem of an image without partitions, mounted read-only\n  \
+DIR/.raw/pN   every partition's raw bytes (what the loop devices read)\n\
+With --raw, DIR/pN are all raw files and nothing is mounted.\n\n\
+Mounted read-only: ext2/3/4 (ro,noload), xfs (ro,norecovery), btrfs (ro), NTFS through ntfs-3g, \
+vfat and exfat when the kernel has them. Every byte is checked (crc and BLAKE3) before it is \
+returned; a damaged block reads as an I/O error (EIO) for exactly its range and is logged with \
+its image, segment and offset, never as wrong bytes. While mounted, the repository's lock is held \
+in shared mode, so a backup into it is refused until the mount ends. Runs in the foreground until \
+Ctrl-C, SIGTERM or `cairn umount DIR`; --background returns once everything is mounted. Needs \
+root (FUSE, loop devices, mount).";
+
+#[derive(Args)]
+pub(super) struct MountArgs {
+    /// Repository directory.
+    pub(super) repo: PathBuf,
+    /// An existing empty directory to show the restore point in.
+    pub(super) dir: PathBuf,
+    #[command(flatten)]
+    pub(super) select: Selection,
+    /// Only raw files (DIR/disk, DIR/pN): no loop devices, no filesystems mounted.
+    #[arg(long)]
+    pub(super) raw: bool,
+    /// Return once everything is mounted; the mount is served by a background process (its
+    /// log: /run/cairn/mounts/) until `cairn umount DIR`.
+    #[arg(long)]
+    pub(super) background: bool,
+}
+
+#[derive(Args)]
+pub(super) struct UmountArgs {
+    /// The directory of a `cairn mount`.
+    pub(super) dir: PathBuf,
 }
 
 #[derive(Args)]

@@ -1,12 +1,13 @@
 //! The command line: parse, set up logging, call one module, print the result. Nothing else.
 //!
-//! `args` is the grammar (every option and `--help` text); `imaging`, `inspect` and `tracker`
+//! `args` is the grammar (every option and `--help` text); `imaging`, `inspect`, `mount` and `tracker`
 //! hold one function per subcommand, which calls the library and prints its report, human or
 //! `--json`; `output` holds the printing several commands share.
 
 mod args;
 mod imaging;
 mod inspect;
+mod mount;
 mod output;
 mod tracker;
 
@@ -58,6 +59,8 @@ fn dispatch(command: Command, ctx: &Ctx) -> Result<()> {
         Command::List(a) => inspect::cmd_list(a, ctx),
         Command::Disks => inspect::cmd_disks(ctx),
         Command::Tracker(t) => tracker::cmd_tracker(t, ctx),
+        Command::Mount(a) => mount::cmd_mount(a, ctx),
+        Command::Umount(a) => mount::cmd_umount(a, ctx),
     }
 }
 
