@@ -14,11 +14,14 @@
 #   4. synth_image chain 1000: one chain of 1,000 images of a 64 KiB source (a full, then 999
 #      incrementals, each the child of the one before), then cairn verify of the whole repository
 #      (1,000 restore points, each depending on every image before it) and cairn verify --image of
-#      the newest point.
+#      the newest point;
+#   5. tracked.bash: tracked incrementals of 100,000, 1,000,000 and 4,000,000 scattered changed
+#      runs, answered by examples/fake_tracker.rs on the tracker socket (peak RSS must not follow
+#      the number of runs).
 #
-# Usage: tools/bench.d/scale.bash CAIRN SYNTH WORKDIR   (tools/bench --only scale calls it)
+# Usage: tools/bench.d/scale.bash CAIRN SYNTH FAKE_TRACKER WORKDIR   (tools/bench --only scale)
 set -euo pipefail
-CAIRN=$1 SYNTH=$2 WORKDIR=$3
+CAIRN=$1 SYNTH=$2 FAKE_TRACKER=$3 WORKDIR=$4
 DIR=$WORKDIR/scale
 TMPFS_TARGET=/dev/shm/cairn-bench-scale.img
 rm -rf "$DIR"
@@ -72,10 +75,14 @@ timed "verify the chain (1,000 points)" "$CAIRN" verify "$DIR/chain" -q
 NEWEST=$("$CAIRN" list "$DIR/chain" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
 timed "verify --image its newest point" "$CAIRN" verify "$DIR/chain" --image "$NEWEST" -q
 
+log "tracked incrementals of many scattered runs"
+while IFS= read -r row; do ROWS+=("$row"); done < <(
+    "$(dirname -- "${BASH_SOURCE[0]}")/tracked.bash" "$CAIRN" "$FAKE_TRACKER" "$DIR" 100000 1000000 4000000)
+
 echo
 echo "#### Scale (\`tools/bench --only scale\`, measured $(date -u +%F))"
 echo
-echo "Synthetic 16 TiB image: 16,777,216 index entries, index file $INDEX_BYTES bytes; a repository of 10,000 images; a chain of 1,000 images of a 64 KiB source. Page cache dropped before each command. Host: $(nproc) cores, $(free -g | awk '/^Mem:/{print $2}') GiB RAM, Linux $(uname -r)."
+echo "Synthetic 16 TiB image: 16,777,216 index entries, index file $INDEX_BYTES bytes; a repository of 10,000 images; a chain of 1,000 images of a 64 KiB source; tracked incrementals whose runs come from a stand-in tracker (examples/fake_tracker.rs) over a sparse loop device. Page cache dropped before each command. Host: $(nproc) cores, $(free -g | awk '/^Mem:/{print $2}') GiB RAM, Linux $(uname -r)."
 echo
 echo "| step | command | wall time (s) | peak RSS (MiB) |"
 echo "|---|---|---:|---:|"
