@@ -18,4 +18,5 @@ pub mod reader;
 pub mod repo;
 pub mod restore;
 pub mod tracker;
+pub mod usedmap;
 pub mod verify;
