@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 /// A source file that already holds stale bytes everywhere (as an aged disk does), then mkfs.
 fn stale_image(dir: &Path, name: &str, size: u64) -> PathBuf {
@@ -398,4 +397,187 @@ fn damaged_real_images_never_panic() {
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// FAT12/16/32 (no vfat driver in this kernel: mtools reads and writes the files)
+// ---------------------------------------------------------------------------
+
+fn mtools(tool: &str, img: &Path, args: &[&str]) {
+    let mut a = vec!["-i", s(img)];
+    a.extend_from_slice(args);
+    run(tool, "mtools", &a);
+}
+
+/// `fsck.fat -n -v`'s "N/M clusters": the used cluster count dosfstools itself finds.
+fn fsck_fat_used_clusters(img: &Path) -> u64 {
+    let o = run("fsck.fat", "dosfstools", &["-n", s(img)]);
+    let text = String::from_utf8_lossy(&o.stdout);
+    let tail = text
+        .lines()
+        .find_map(|l| l.split(" files, ").nth(1))
+        .unwrap_or_else(|| panic!("fsck.fat printed no cluster count: {text}"));
+    tail.split('/').next().unwrap().trim().parse().unwrap()
+}
+
+fn fat_case(bits: &str, size: u64, file_scale: u64) {
+    let t = tempdir();
+    let img = stale_image(t.path(), "fat.img", size);
+    run("mkfs.fat", "dosfstools", &["-F", bits, s(&img)]);
+    // Written, partly deleted, written again, through mtools (the layout mtools picks is as good
+    // as the kernel's for this purpose: both leave freed clusters with their old bytes).
+    let local = t.path().join("files");
+    fs::create_dir_all(local.join("sub")).unwrap();
+    for i in 0..8u64 {
+        fs::write(
+            local.join(format!("f{i}.bin")),
+            random_vec(50 + i, (file_scale * (i + 1) + i * 977) as usize),
+        )
+        .unwrap();
+    }
+    fs::write(local.join("sub").join("notes.txt"), text_vec(9, 30_000)).unwrap();
+    fs::write(local.join("empty"), b"").unwrap();
+    let list: Vec<String> = fs::read_dir(&local)
+        .unwrap()
+        .map(|e| s(&e.unwrap().path()).to_string())
+        .collect();
+    let mut args = vec!["-s"];
+    args.extend(list.iter().map(|p| p.as_str()));
+    args.push("::/");
+    mtools("mcopy", &img, &args);
+    for i in [1u64, 4, 6] {
+        mtools("mdel", &img, &[&format!("::/f{i}.bin")]);
+        fs::remove_file(local.join(format!("f{i}.bin"))).unwrap();
+    }
+    let again = local.join("again.bin");
+    fs::write(&again, random_vec(77, (file_scale * 2 + 5) as usize)).unwrap();
+    mtools("mcopy", &img, &[s(&again), "::/"]);
+    let want = hash_tree(&local);
+
+    let m = expect_used(&img, "vfat");
+    assert!(m.note.starts_with(&format!("FAT{bits}")), "{}", m.note);
+    let copy = scrubbed_copy(&img, &m);
+    run("fsck.fat", "dosfstools", &["-n", s(&copy)]);
+    let out = t.path().join("out");
+    fs::create_dir_all(&out).unwrap();
+    mtools("mcopy", &copy, &["-s", "-n", "::/*", s(&out)]);
+    assert_eq!(
+        hash_tree(&out),
+        want,
+        "files read back from the scrubbed FAT{bits} copy"
+    );
+
+    // The used total is exactly what dosfstools counts: everything before the data area plus the
+    // used clusters.
+    let o = run("fsck.fat", "dosfstools", &["-n", "-v", s(&img)]);
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find(|l| l.contains(name))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("fsck.fat -v prints {name}: {text}"))
+            .parse()
+            .unwrap()
+    };
+    let cluster_size = field("bytes per cluster");
+    let data_start = text
+        .lines()
+        .find(|l| l.contains("Data area starts at byte"))
+        .and_then(|l| l.split("byte ").nth(1))
+        .and_then(|w| w.split_whitespace().next())
+        .unwrap()
+        .parse::<u64>()
+        .unwrap();
+    let used_clusters = fsck_fat_used_clusters(&img);
+    // Sectors past the volume's end (mkfs.fat rounds the size down) are imaged as they are.
+    let past_end = size - field("sectors total") * 512;
+    let expected = data_start + used_clusters * cluster_size + past_end;
+    assert_eq!(
+        m.used_bytes(),
+        expected,
+        "FAT{bits}: the used map against dosfstools' count ({used_clusters} clusters of {cluster_size} after {data_start} bytes; {})",
+        m.note
+    );
+    assert!(
+        m.used_bytes() < size / 2,
+        "FAT{bits}: the test volume is meant to be mostly free"
+    );
+    eprintln!(
+        "FAT{bits}: {} of {size} bytes used ({})",
+        m.used_bytes(),
+        m.note
+    );
+}
+
+#[test]
+fn fat12() {
+    fat_case("12", 8 * MIB, 150 * KIB);
+}
+
+#[test]
+fn fat16() {
+    fat_case("16", 64 * MIB, MIB);
+}
+
+#[test]
+fn fat32() {
+    fat_case("32", 300 * MIB, 3 * MIB);
+}
+
+#[test]
+fn fat_refusals() {
+    let t = tempdir();
+    let make = |name: &str| {
+        let img = stale_image(t.path(), name, 64 * MIB);
+        run("mkfs.fat", "dosfstools", &["-F", "16", s(&img)]);
+        img
+    };
+    // The two FATs disagree.
+    let img = make("a.img");
+    let f = OpenOptions::new().write(true).open(&img).unwrap();
+    let reserved = 4 * 512; // mkfs.fat's FAT16 default; the FAT starts after them
+    f.write_all_at(&[0x34, 0x12], reserved + 2 * 40).unwrap();
+    drop(f);
+    expect_refused(&img, "FAT copy 2 disagrees");
+    // The dirty bit the Linux driver sets while mounted.
+    let img = make("b.img");
+    let f = OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(&[1], 37).unwrap();
+    drop(f);
+    expect_refused(&img, "marked dirty");
+}
+
+// ---------------------------------------------------------------------------
+// Linux swap
+// ---------------------------------------------------------------------------
+
+#[test]
+fn swap_header_only() {
+    let t = tempdir();
+    let size = 64 * MIB;
+    let img = stale_image(t.path(), "swap.img", size);
+    run("mkswap", "util-linux", &[s(&img)]);
+    let uuid = |p: &Path| {
+        let o = run("blkid", "util-linux", &["-p", "-o", "export", s(p)]);
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            text.contains("TYPE=swap"),
+            "blkid sees swap on {}: {text}",
+            p.display()
+        );
+        text.lines()
+            .find(|l| l.starts_with("UUID="))
+            .unwrap()
+            .to_string()
+    };
+    let m = expect_used(&img, "swap");
+    assert_eq!(m.ranges, vec![(0, 4096)], "{}", m.note);
+    let copy = scrubbed_copy(&img, &m);
+    assert_eq!(uuid(&copy), uuid(&img));
+
+    // A hibernation image replaces the magic: everything must be imaged.
+    let f = OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(b"S1SUSPEND\0", 4096 - 10).unwrap();
+    drop(f);
+    expect_refused(&img, "hibernation image");
 }
