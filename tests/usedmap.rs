@@ -581,3 +581,139 @@ fn swap_header_only() {
     drop(f);
     expect_refused(&img, "hibernation image");
 }
+
+// ---------------------------------------------------------------------------
+// exFAT (through exfat-fuse: this kernel has no exfat driver)
+// ---------------------------------------------------------------------------
+
+/// A FUSE daemon run in the foreground (`-d`), so that after `umount` its exit says that it has
+/// written everything (a plain FUSE unmount returns before the daemon's last writes).
+struct FuseMount {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+fn is_mountpoint(dir: &Path) -> bool {
+    let want = fs::canonicalize(dir).unwrap();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(s(&want)))
+}
+
+impl FuseMount {
+    fn new(tool: &str, package: &str, img: &Path, dir: &Path, opts: &str) -> FuseMount {
+        fs::create_dir_all(dir).unwrap();
+        let t = require_tool(tool, package);
+        let mut child = std::process::Command::new(&t)
+            .args(["-d", "-o", opts, s(img), s(dir)])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Polling a real condition (the mount exists), bounded.
+        for _ in 0..1000 {
+            if is_mountpoint(dir) {
+                return FuseMount {
+                    child,
+                    dir: dir.to_path_buf(),
+                };
+            }
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("{tool} {} exited with {st} before mounting", img.display());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        panic!("{tool} did not mount {} within 10 s", img.display());
+    }
+
+    fn unmount(mut self) {
+        run("umount", "mount", &[s(&self.dir)]);
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "the FUSE daemon exited with {st}");
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for FuseMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.dir).output();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn exfat() {
+    let t = tempdir();
+    let size = 256 * MIB;
+    let img = stale_image(t.path(), "exfat.img", size);
+    run("mkfs.exfat", "exfatprogs", &[s(&img)]);
+    // exfat-fuse runs as fuseblk for root: it needs a block device.
+    let lo = LoopDev::attach(&img);
+    let m = FuseMount::new(
+        "mount.exfat-fuse",
+        "exfat-fuse",
+        lo.path(),
+        &t.path().join("mnt"),
+        "rw",
+    );
+    churn(&m.dir, 21);
+    let (df_used, df_total) = statvfs_of(&m.dir);
+    let hashes = hash_tree(&m.dir);
+    m.unmount();
+    drop(lo);
+    let filled = Filled {
+        hashes,
+        df_used,
+        df_total,
+    };
+
+    let map = expect_used(&img, "exfat");
+    assert_close_to_df(&map, &filled, size);
+    let copy = scrubbed_copy(&img, &map);
+    run("fsck.exfat", "exfatprogs", &["-n", s(&copy)]);
+    let lo = LoopDev::attach_with(&copy, &["-r"]);
+    let m = FuseMount::new(
+        "mount.exfat-fuse",
+        "exfat-fuse",
+        lo.path(),
+        &t.path().join("mnt2"),
+        "ro",
+    );
+    let got = hash_tree(&m.dir);
+    m.unmount();
+    drop(lo);
+    assert_eq!(
+        got, filled.hashes,
+        "files read back from the scrubbed exFAT copy"
+    );
+    eprintln!(
+        "exfat: {} of {size} bytes used; statvfs used {} ({})",
+        map.used_bytes(),
+        filled.df_used,
+        map.note
+    );
+
+    // The dirty flag (VolumeFlags bit 1; outside the boot checksum).
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut flags = [0u8; 2];
+    f.read_exact_at(&mut flags, 106).unwrap();
+    f.write_all_at(&[flags[0] | 2, flags[1]], 106).unwrap();
+    drop(f);
+    expect_refused(&img, "marked dirty");
+    // A damaged boot region.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&copy)
+        .unwrap();
+    f.write_all_at(b"X", 120).unwrap();
+    drop(f);
+    expect_refused(&copy, "checksum does not match");
+}
