@@ -717,3 +717,79 @@ fn exfat() {
     drop(f);
     expect_refused(&copy, "checksum does not match");
 }
+
+// ---------------------------------------------------------------------------
+// xfs
+// ---------------------------------------------------------------------------
+
+const XFS_SIZE: u64 = 512 * MIB;
+
+#[test]
+fn xfs() {
+    require_root();
+    let t = tempdir();
+    let img = stale_image(t.path(), "xfs.img", XFS_SIZE);
+    run("mkfs.xfs", "xfsprogs", &["-q", "-f", s(&img)]);
+    let filled = fill_mounted(&img, None, 31);
+    let m = expect_used(&img, "xfs");
+    assert_close_to_df(&m, &filled, XFS_SIZE);
+    let copy = scrubbed_copy(&img, &m);
+    run("xfs_repair", "xfsprogs", &["-n", s(&copy)]);
+    verify_mounted(&copy, "ro,nouuid", &filled.hashes);
+    eprintln!(
+        "xfs: {} of {XFS_SIZE} bytes used in {} ranges; statvfs used {} ({})",
+        m.used_bytes(),
+        m.ranges.len(),
+        filled.df_used,
+        m.note
+    );
+
+    // An unknown incompatible feature, with the superblock's checksum made right.
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&copy)
+        .unwrap();
+    let mut sb = vec![0u8; 512];
+    f.read_exact_at(&mut sb, 0).unwrap();
+    let incompat = u32::from_be_bytes(sb[216..220].try_into().unwrap()) | 0x8000_0000;
+    sb[216..220].copy_from_slice(&incompat.to_be_bytes());
+    sb[224..228].fill(0);
+    let crc = crc32c::crc32c(&sb);
+    sb[224..228].copy_from_slice(&crc.to_le_bytes());
+    f.write_all_at(&sb, 0).unwrap();
+    drop(f);
+    expect_refused(&copy, "unknown incompatible feature flags 0x80000000");
+    // A damaged free-space tree block: the AGF of AG 0 names its root.
+    let f = File::open(&img).unwrap();
+    let mut agf = vec![0u8; 512];
+    f.read_exact_at(&mut agf, 512).unwrap();
+    let root = u32::from_be_bytes(agf[16..20].try_into().unwrap()) as u64;
+    drop(f);
+    let damaged = t.path().join("damaged.img");
+    fs::copy(&img, &damaged).unwrap();
+    flip_byte(&damaged, root * 4096 + 100);
+    expect_refused(&damaged, "fails its checksum");
+}
+
+#[test]
+fn xfs_dirty_log_refused() {
+    require_root();
+    let t = tempdir();
+    let img = stale_image(t.path(), "xfs.img", XFS_SIZE);
+    run("mkfs.xfs", "xfsprogs", &["-q", "-f", s(&img)]);
+    let lo = LoopDev::attach(&img);
+    let m = Mount::new(&lo.dev, &t.path().join("mnt"), None);
+    fs::write(m.dir.join("a"), random_vec(1, MIB as usize)).unwrap();
+    nix::unistd::sync();
+    fs::write(m.dir.join("b"), random_vec(2, MIB as usize)).unwrap();
+    // A forced shutdown after a log flush leaves committed transactions and no unmount record.
+    run(
+        "xfs_io",
+        "xfsprogs",
+        &["-x", "-c", "shutdown -f", s(&m.dir)],
+    );
+    m.unmount();
+    drop(lo);
+    expect_refused(&img, "log is not clean");
+}

@@ -365,23 +365,19 @@ fn le32(b: &[u8], at: usize) -> u32 {
     b.get(at..at + 4)
         .map_or(0, |s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
 }
-#[allow(dead_code)] // until every reader lands
 fn le64(b: &[u8], at: usize) -> u64 {
     b.get(at..at + 8).map_or(0, |s| {
         u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]])
     })
 }
-#[allow(dead_code)] // until every reader lands
 fn be16(b: &[u8], at: usize) -> u16 {
     b.get(at..at + 2)
         .map_or(0, |s| u16::from_be_bytes([s[0], s[1]]))
 }
-#[allow(dead_code)] // until every reader lands
 fn be32(b: &[u8], at: usize) -> u32 {
     b.get(at..at + 4)
         .map_or(0, |s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
 }
-#[allow(dead_code)] // until every reader lands
 fn be64(b: &[u8], at: usize) -> u64 {
     b.get(at..at + 8).map_or(0, |s| {
         u64::from_be_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]])
