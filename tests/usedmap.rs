@@ -793,3 +793,98 @@ fn xfs_dirty_log_refused() {
     drop(lo);
     expect_refused(&img, "log is not clean");
 }
+
+// ---------------------------------------------------------------------------
+// btrfs
+// ---------------------------------------------------------------------------
+
+const BTRFS_SIZE: u64 = 512 * MIB;
+
+/// Rewrites the btrfs superblock at 64 KiB through `edit`, with its crc32c made right again.
+fn edit_btrfs_super(img: &Path, edit: impl FnOnce(&mut [u8])) {
+    let f = OpenOptions::new().read(true).write(true).open(img).unwrap();
+    let mut sb = vec![0u8; 4096];
+    f.read_exact_at(&mut sb, 65536).unwrap();
+    edit(&mut sb);
+    let crc = crc32c::crc32c(&sb[32..]);
+    sb[..4].copy_from_slice(&crc.to_le_bytes());
+    f.write_all_at(&sb, 65536).unwrap();
+}
+
+#[test]
+fn btrfs() {
+    require_root();
+    let t = tempdir();
+    let img = stale_image(t.path(), "btrfs.img", BTRFS_SIZE);
+    run("mkfs.btrfs", "btrfs-progs", &["-q", "-f", s(&img)]);
+    let lo = LoopDev::attach(&img);
+    let m = Mount::new(&lo.dev, &t.path().join("mnt"), None);
+    churn(&m.dir, 41);
+    nix::unistd::sync();
+    let o = run(
+        "btrfs",
+        "btrfs-progs",
+        &["filesystem", "usage", "-b", s(&m.dir)],
+    );
+    let usage = String::from_utf8_lossy(&o.stdout).into_owned();
+    let allocated: u64 = usage
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Device allocated:"))
+        .unwrap_or_else(|| panic!("btrfs filesystem usage prints Device allocated: {usage}"))
+        .trim()
+        .parse()
+        .unwrap();
+    let hashes = hash_tree(&m.dir);
+    m.unmount();
+    drop(lo);
+    // The kernel remembers the fsid's device; let the copy be scanned afresh.
+    run("btrfs", "btrfs-progs", &["device", "scan", "--forget"]);
+
+    let map = expect_used(&img, "btrfs");
+    // Allocated chunks, the first MiB and the 64 MiB mirror: nothing else.
+    let expected_max = allocated + MIB + 4096;
+    assert!(
+        map.used_bytes() >= allocated && map.used_bytes() <= expected_max,
+        "btrfs: used map {} bytes, the kernel says {allocated} allocated ({})",
+        map.used_bytes(),
+        map.note
+    );
+    assert!(map.used_bytes() < BTRFS_SIZE / 2, "{}", map.note);
+    let copy = scrubbed_copy(&img, &map);
+    run("btrfs", "btrfs-progs", &["check", "--readonly", s(&copy)]);
+    verify_mounted(&copy, "ro", &hashes);
+    run("btrfs", "btrfs-progs", &["device", "scan", "--forget"]);
+    eprintln!(
+        "btrfs: {} of {BTRFS_SIZE} bytes used; kernel: {allocated} allocated ({})",
+        map.used_bytes(),
+        map.note
+    );
+
+    // A log tree (fsync'd changes not yet in a commit) must be replayed: refused.
+    let dirty = t.path().join("dirty.img");
+    fs::copy(&img, &dirty).unwrap();
+    edit_btrfs_super(&dirty, |sb| {
+        sb[96..104].copy_from_slice(&(1u64 << 30).to_le_bytes())
+    });
+    expect_refused(&dirty, "log tree needs replay");
+    // An incompatible feature nobody knows.
+    let unknown = t.path().join("unknown.img");
+    fs::copy(&img, &unknown).unwrap();
+    edit_btrfs_super(&unknown, |sb| sb[188 + 7] |= 0x80);
+    expect_refused(&unknown, "incompatible feature flags 0x8000000000000000");
+    // A damaged superblock.
+    flip_byte(&img, 65536 + 300);
+    expect_refused(&img, "superblock checksum mismatch");
+}
+
+/// A btrfs superblock left behind at 64 KiB by an earlier filesystem next to a new ext4: which
+/// one is live cannot be told, so neither map is trusted.
+#[test]
+fn two_signatures_refused() {
+    let t = tempdir();
+    let img = small_ext(t.path(), &[]);
+    let f = OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(b"_BHRfS_M", 65536 + 64).unwrap();
+    drop(f);
+    expect_refused(&img, "more than one filesystem");
+}

@@ -52,7 +52,6 @@ fn crc_ok(buf: &[u8], off: usize) -> bool {
 
 struct Geo {
     bs: u64,
-    agblocks: u64,
     v5: bool,
     uuid: [u8; 16],
 }
@@ -138,12 +137,7 @@ pub(super) fn read(d: &Disk) -> Result<FsMap, Doubt> {
     };
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&sb[32..48]);
-    let g = Geo {
-        bs,
-        agblocks,
-        v5,
-        uuid,
-    };
+    let g = Geo { bs, v5, uuid };
     let mut used = Ranges::new();
 
     // The internal log (logstart 0: external log device).
