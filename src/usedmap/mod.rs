@@ -17,7 +17,6 @@ mod btrfs;
 mod exfat;
 mod ext;
 mod fat;
-mod ntfs;
 mod swap;
 mod xfs;
 
@@ -78,7 +77,7 @@ pub enum Verdict {
 /// The ranges of a filesystem that must be imaged; everything else is free space.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsedMap {
-    /// "ext2", "ext3", "ext4", "vfat" (FAT12/16/32), "exfat", "ntfs", "xfs", "btrfs", "swap".
+    /// "ext2", "ext3", "ext4", "vfat" (FAT12/16/32), "exfat", "xfs", "btrfs", "swap".
     pub fs: &'static str,
     /// `(offset, length)` byte ranges: ascending, non-empty, disjoint and not adjacent, inside the
     /// source. Anything past the filesystem's own end (up to the source's size) is included.
@@ -117,11 +116,10 @@ impl fmt::Display for Verdict {
 /// mkfs did not wipe) are a refusal: which one is live cannot be told without guessing.
 pub fn probe(src: &dyn ReadAt, size: u64) -> Verdict {
     let disk = Disk { src, size };
-    let detectors: [(&'static str, Detect, Reader); 7] = [
+    let detectors: [(&'static str, Detect, Reader); 6] = [
         ("ext", ext::detect, ext::read),
         ("xfs", xfs::detect, xfs::read),
         ("btrfs", btrfs::detect, btrfs::read),
-        ("ntfs", ntfs::detect, ntfs::read),
         ("exfat", exfat::detect, exfat::read),
         ("vfat", fat::detect, fat::read),
         ("swap", swap::detect, swap::read),
@@ -463,14 +461,13 @@ mod tests {
             0 => put(1080, &[0x53, 0xef]),
             1 => put(0, b"XFSB"),
             2 => put(65536 + 64, b"_BHRfS_M"),
-            3 => put(3, b"NTFS    "),
-            4 => put(3, b"EXFAT   "),
-            5 => {
+            3 => put(3, b"EXFAT   "),
+            4 => {
                 put(0, &[0xeb, 0x3c, 0x90]);
                 put(11, &[0, 2, 1, 1, 0, 2]);
                 put(510, &[0x55, 0xaa]);
             }
-            6 => put(4096 - 10, b"SWAPSPACE2"),
+            5 => put(4096 - 10, b"SWAPSPACE2"),
             _ => {}
         }
     }
