@@ -26,17 +26,19 @@ pub struct Row {
 /// Rows in the repository's order, oldest first (`repo::image_order`); images whose manifest cannot
 /// be read have no known place and come last.
 pub fn run(repo: &Repository) -> Result<Vec<Row>> {
+    let _lock = repo.lock_shared()?;
     let mut rows = Vec::new();
     for id in repo.image_dir_ids()? {
-        let row = match repo.load_manifest(&id) {
-            Ok((m, _)) => {
+        let row = match repo.load_manifest_rewritten(&id) {
+            Ok((m, rewrite, _)) => {
                 let sequence = m.sequence;
                 // Manifests and file sizes only: `verify` reads the data.
                 let dir = repo.images_dir().join(&id);
-                let status = match crate::repo::check_files_present(&dir, &m, true) {
-                    Ok(()) => "complete".to_string(),
-                    Err(e) => format!("damaged: {e:#}"),
-                };
+                let status =
+                    match crate::repo::check_files_present(&dir, &m, Some(rewrite.generation)) {
+                        Ok(()) => "complete".to_string(),
+                        Err(e) => format!("damaged: {e:#}"),
+                    };
                 let row = Row {
                     id: id.clone(),
                     name: Some(m.name.clone()),
