@@ -228,7 +228,7 @@ impl Repository {
                     format!(" (waited {})", humantime::format_duration(wait))
                 };
                 bail!(
-                    "repository {} is in use by {}{waited}; wait for it to finish and retry{}",
+                    "repository {} is locked by {}{waited}; wait for it to finish and retry{}",
                     self.root.display(),
                     self.lock_holders(&file).join(", "),
                     if wait.is_zero() {

@@ -136,3 +136,52 @@ fn print_report(r: &Report, ctx: &Ctx) {
         }
     );
 }
+
+/// `cairn list` with the repository's space: per image the bytes it alone holds and the bytes it
+/// shares, and the total and reclaimable bytes (`--json --totals`: one object).
+pub(super) fn cmd_list_totals(a: ListArgs, ctx: &Ctx) -> Result<()> {
+    let repo = Repository::open(&a.repo)?;
+    let t = crate::list::totals(&repo)?;
+    if ctx.json {
+        print_json(&t);
+        return Ok(());
+    }
+    if t.images.is_empty() {
+        eprintln!("no images in {}", repo.root.display());
+        return Ok(());
+    }
+    println!(
+        "{:<20} {:<24} {:<12} {:<20} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<20} STATUS",
+        "ID", "NAME", "KIND", "PARENT", "SIZE", "DATA", "STORED", "UNIQUE", "SHARED", "CREATED"
+    );
+    let short = |v: Option<u64>| {
+        v.map(super::output::short_bytes)
+            .unwrap_or_else(|| "?".into())
+    };
+    for r in &t.images {
+        println!(
+            "{:<20} {:<24} {:<12} {:<20} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<20} {}{}",
+            r.id,
+            r.name.as_deref().unwrap_or("?"),
+            r.kind.unwrap_or("?"),
+            r.parent.as_deref().unwrap_or("-"),
+            short(r.source_size),
+            short(r.data_bytes),
+            short(r.stored_bytes),
+            short(r.unique_bytes),
+            short(r.shared_bytes),
+            r.created.as_deref().unwrap_or("?"),
+            r.status,
+            if r.protected { " (protected)" } else { "" }
+        );
+        if let Some(pt) = &r.partition_table {
+            println!("    {}", crate::list::table_summary(pt));
+        }
+    }
+    println!(
+        "repository: {} in all, {} reclaimable (`cairn prune` collects it)",
+        human_bytes(t.total_bytes),
+        human_bytes(t.reclaimable_bytes)
+    );
+    Ok(())
+}

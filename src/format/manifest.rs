@@ -691,9 +691,10 @@ pub(crate) mod tests {
         let (b, _) = m.encode_rewritten(&with_keys);
         let (back, rw, _) = Manifest::decode_rewritten(&b).unwrap();
         assert_eq!((back, rw), (m.clone(), with_keys));
-        let text = String::from_utf8(b)
-            .unwrap()
-            .replacen("cairn-manifest 2 ", "cairn-manifest 1 ", 1);
+        let text =
+            String::from_utf8(b)
+                .unwrap()
+                .replacen("cairn-manifest 2 ", "cairn-manifest 1 ", 1);
         assert!(Manifest::decode(text.as_bytes()).is_err());
     }
 

@@ -65,6 +65,23 @@ impl Outcome {
     }
 }
 
+/// Fault injection for the crash tests (as `CAIRN_FAULT_READ`): with `CAIRN_FAULT_PRUNE_KILL_AT=N`
+/// the process kills itself with SIGKILL at the N-th step of a prune that changes the
+/// repository (a file written, renamed or deleted), as a power loss or `kill -9` would stop it.
+fn step() {
+    static STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = STEPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    let kill_at = std::env::var("CAIRN_FAULT_PRUNE_KILL_AT")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if kill_at == Some(n) {
+        // SAFETY: kill(2) with this process's own pid and a signal number; no memory involved.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
+}
+
 /// A segment as the repository knows it: who wrote it, under which number.
 type SegKey = SegmentOrigin;
 
@@ -129,10 +146,12 @@ pub fn plan_or_execute(
         return Ok(outcome);
     }
     // Every rewritten image is published: nothing kept depends on a removed image any more.
+    // Newest first: an image goes only after every image above it, so at every instant each
+    // image still listed has its whole chain (a kill leaves no half-dropped chain behind).
     let referenced = referenced_segments(repo)?;
-    for id in remove {
-        remove_image(repo, id, &referenced)?;
-        outcome.removed.push(id.clone());
+    for listed in cat.images.iter().rev().filter(|l| remove.contains(&l.id)) {
+        remove_image(repo, &listed.id, &referenced)?;
+        outcome.removed.push(listed.id.clone());
     }
     collect_garbage(repo, lock.expect("checked above"))?;
     outcome.bytes_after = files_bytes(repo)?;
@@ -224,8 +243,10 @@ fn rewrite(
     if dry_run {
         return Ok((report, refs, written));
     }
+    step();
     if let Some((b, _)) = &bad_file {
         write_synced(&k.dir.join(format::bad_ranges_file_name(generation)), b)?;
+        step();
     }
     publish_manifest(&k.dir, &bytes)?;
     // The rewritten point must load and hold together before anything it replaced goes.
@@ -240,9 +261,13 @@ fn publish_manifest(dir: &Path, bytes: &[u8]) -> Result<()> {
     let new = dir.join("manifest.new");
     let _ = fs::remove_file(&new);
     write_synced(&new, bytes)?;
+    step();
     fs::rename(&new, dir.join("manifest"))
         .with_context(|| format!("cannot replace {}/manifest", dir.display()))?;
-    sync_dir(dir)
+    step();
+    sync_dir(dir)?;
+    step();
+    Ok(())
 }
 
 fn write_synced(p: &Path, bytes: &[u8]) -> Result<()> {
@@ -670,6 +695,7 @@ fn remove_image(repo: &Repository, id: &str, referenced: &BTreeSet<SegKey>) -> R
             fs::rename(e.path(), &to).with_context(|| {
                 format!("cannot move {} to {}", e.path().display(), to.display())
             })?;
+            step();
             moved = true;
         }
     }
@@ -680,9 +706,12 @@ fn remove_image(repo: &Repository, id: &str, referenced: &BTreeSet<SegKey>) -> R
     let gone = repo.tmp_dir().join(format!("removed-{id}"));
     let _ = fs::remove_dir_all(&gone);
     fs::rename(&dir, &gone).with_context(|| format!("cannot remove image {id}"))?;
+    step();
     sync_dir(&repo.images_dir())?;
     sync_dir(&repo.tmp_dir())?;
+    step();
     fs::remove_dir_all(&gone).with_context(|| format!("cannot delete {}", gone.display()))?;
+    step();
     sync_dir(&repo.tmp_dir())
 }
 
@@ -696,7 +725,9 @@ pub fn collect_garbage(repo: &Repository, _lock: &RepoLock) -> Result<u64> {
     let mut freed = 0u64;
     let mut delete = |p: &Path| -> Result<()> {
         freed += fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        fs::remove_file(p).with_context(|| format!("cannot delete {}", p.display()))
+        fs::remove_file(p).with_context(|| format!("cannot delete {}", p.display()))?;
+        step();
+        Ok(())
     };
     let pool = repo.pool_dir();
     let mut pool_changed = false;

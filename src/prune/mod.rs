@@ -169,14 +169,7 @@ fn run(
     remove: &BTreeSet<String>,
     dry_run: bool,
 ) -> Result<Outcome> {
-    if remove.is_empty() {
-        let bytes = execute::files_bytes(repo)?;
-        return Ok(Outcome {
-            bytes_before: bytes,
-            bytes_after: bytes,
-            ..Outcome::default()
-        });
-    }
+    // Even with nothing to remove, a prune finishes what an interrupted one left (tmp/, garbage).
     execute::plan_or_execute(repo, lock, remove, dry_run)
 }
 
