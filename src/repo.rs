@@ -1070,13 +1070,15 @@ pub fn segment_place(
     let own = images
         .join(&origin.image)
         .join(segment_file_name(origin.number));
-    let path = if own.exists() {
+    let pooled = pool.join(format::pooled_segment_file_name(
+        &origin.image,
+        origin.number,
+    ));
+    // Missing from both places: named where it should be while its writer's image exists.
+    let path = if own.exists() || (!pooled.exists() && own.parent().is_some_and(Path::is_dir)) {
         own
     } else {
-        pool.join(format::pooled_segment_file_name(
-            &origin.image,
-            origin.number,
-        ))
+        pooled
     };
     SegmentPlace {
         path,
