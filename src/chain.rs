@@ -7,7 +7,7 @@
 //! Every reader of a restore point (restore, `restore --verify`, verify, a compare-scan's base)
 //! takes its plan from here.
 
-use crate::format::{Entry, EntryKind, Hash, ImageKind, Manifest};
+use crate::format::{Entry, EntryKind, ImageKind, Manifest};
 use crate::repo::{Image, Repository};
 use anyhow::{anyhow, bail, Result};
 use std::cmp::Reverse;
@@ -78,8 +78,9 @@ pub type Verdict = std::result::Result<Linked, Broken>;
 /// points of a repository loads each image once, however long its chains.
 #[derive(Default)]
 pub struct Links {
-    /// Per image: its manifest hash and its point's verdict; or why it could not be loaded.
-    known: HashMap<String, std::result::Result<(Hash, Verdict), String>>,
+    /// Per image: the manifest hashes it answers to ([`Image::answers_to`]) and its point's
+    /// verdict; or why it could not be loaded.
+    known: HashMap<String, std::result::Result<(Vec<String>, Verdict), String>>,
 }
 
 impl Links {
@@ -111,7 +112,7 @@ impl Links {
             if walk.len() >= MAX_CHAIN {
                 break Some(Err(Broken::TooLong));
             }
-            let replaced = |hash: &Hash| crate::format::hash_hex(hash) != parent.manifest_blake3;
+            let replaced = |hashes: &[String]| !hashes.contains(&parent.manifest_blake3);
             let replaced_error = Broken::At(format!(
                 "image {}: its parent {} has been replaced (manifest hash differs)",
                 child.id, parent.id
@@ -135,17 +136,17 @@ impl Links {
                     self.known.insert(parent.id, Err(why));
                     break Some(Err(broken));
                 }
-                Ok(p) if replaced(&p.manifest_hash) => break Some(Err(replaced_error)),
+                Ok(p) if !p.answers_to(&parent.manifest_blake3) => break Some(Err(replaced_error)),
                 Ok(p) => walk.push(p),
             }
         };
         let mut decided = Vec::with_capacity(walk.len());
         for img in walk.into_iter().rev() {
             let verdict = extend(&img.manifest, below.as_ref());
-            self.known.insert(
-                img.id().to_string(),
-                Ok((img.manifest_hash, verdict.clone())),
-            );
+            let mut hashes = img.rewrite.former_manifests.clone();
+            hashes.push(crate::format::hash_hex(&img.manifest_hash));
+            self.known
+                .insert(img.id().to_string(), Ok((hashes, verdict.clone())));
             below = Some(verdict.clone());
             decided.push((img, verdict));
         }
@@ -467,7 +468,7 @@ pub fn bad_ranges(img: &Image) -> Result<Vec<(u64, u64)>> {
     let Some(r) = &m.bad_ranges_file else {
         return Ok(m.bad_ranges.clone());
     };
-    let path = img.dir.join(crate::format::badranges::FILE_NAME);
+    let path = img.dir.join(img.bad_ranges_file_name());
     let want = crate::format::badranges::encoded_len(r.ranges);
     let file = std::fs::File::open(&path).map_err(|e| {
         anyhow::anyhow!(

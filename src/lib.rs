@@ -13,6 +13,7 @@ pub mod list;
 pub mod mount;
 pub mod pipeline;
 pub mod progress;
+pub mod prune;
 pub mod ptable;
 pub mod reader;
 pub mod repo;

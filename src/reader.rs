@@ -102,8 +102,11 @@ impl<'a> ChainReader<'a> {
         }
         let img = &self.chain[ci];
         let id = img.id();
-        let name = segment_file_name(number);
-        let file = File::open(img.dir.join(&name))
+        // Format 2: the segment may have been written by another image (docs/format.md,
+        // "Shared segments"); its header names that image and number.
+        let place = img.segment(number)?;
+        let name = place.name();
+        let file = File::open(&place.path)
             .map_err(|e| read_failure(e, format!("image {id}: cannot open {name}")))?;
         let mut h = [0u8; SEGMENT_HEADER_LEN];
         file.read_exact_at(&mut h, 0).map_err(|e| {
@@ -114,7 +117,9 @@ impl<'a> ChainReader<'a> {
         })?;
         let sh = SegmentHeader::decode(&h)
             .map_err(|e| damage(format!("{:#}", image_error(id, &name, Some(0), e))))?;
-        if sh.number != number || sh.image_tag != crate::format::frame::image_tag(id) {
+        if sh.number != place.origin.number
+            || sh.image_tag != crate::format::frame::image_tag(&place.origin.image)
+        {
             return Err(damage(format!(
                 "image {id}, {name}: segment belongs to another image or position"
             )));
@@ -161,9 +166,11 @@ impl<'a> ChainReader<'a> {
         })?;
         let h = FrameHeader::decode(&hb)
             .map_err(|err| damage(format!("{:#}", image_error(id, &name, Some(at), err))))?;
+        // A window (format 2) reads the whole frame it lies in.
+        let (frame_offset, frame_length) = e.frame_span();
         if h.codec != codec
-            || h.offset != e.offset
-            || h.length != e.length
+            || h.offset != frame_offset
+            || h.length != frame_length
             || h.stored_length != e.stored_length
             || h.crc != e.crc
         {
@@ -228,13 +235,28 @@ pub fn decode_checked(
 ) -> Result<()> {
     let name = segment_file_name(e.segment);
     let at = e.segment_offset + FRAME_HEADER_LEN as u64;
+    let hash_mismatch = || {
+        damage(format!(
+            "image {image_id}, {name}, offset {at}: block at source offset {} is damaged (hash mismatch)",
+            e.offset
+        ))
+    };
+    if let crate::format::EntryKind::Window(w) = e.kind {
+        // The hash is the whole frame's: decode and check all of it, then take the window.
+        let mut frame = vec![0u8; w.frame_length as usize];
+        crate::format::frame::decode_payload(codec, payload, &mut frame, dctx)
+            .map_err(|err| damage(format!("{:#}", image_error(image_id, &name, Some(at), err))))?;
+        if blake3::hash(&frame).as_bytes() != &e.hash {
+            return Err(hash_mismatch());
+        }
+        let skip = w.skip as usize;
+        out.copy_from_slice(&frame[skip..skip + out.len()]);
+        return Ok(());
+    }
     crate::format::frame::decode_payload(codec, payload, out, dctx)
         .map_err(|err| damage(format!("{:#}", image_error(image_id, &name, Some(at), err))))?;
     if blake3::hash(out).as_bytes() != &e.hash {
-        return Err(damage(format!(
-            "image {image_id}, {name}, offset {at}: block at source offset {} is damaged (hash mismatch)",
-            e.offset
-        )));
+        return Err(hash_mismatch());
     }
     Ok(())
 }

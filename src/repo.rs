@@ -29,6 +29,38 @@ pub struct RepoLock {
 pub struct SharedRepoLock {
     /// None on read-only media, where no writer can take the lock either.
     _file: Option<File>,
+    /// This holder's record under `lock.readers/`, removed when the lock is let go.
+    record: Option<PathBuf>,
+}
+
+impl Drop for SharedRepoLock {
+    fn drop(&mut self) {
+        if let Some(p) = self.record.take() {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// Where shared-lock holders record themselves.
+const READERS: &str = "lock.readers";
+
+/// "PID COMMAND LINE" of this process, for a lock holder's record.
+fn holder_line() -> String {
+    let cmd = fs::read("/proc/self/cmdline")
+        .map(|b| {
+            b.split(|&c| c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default();
+    let cmd: String = cmd.chars().take(200).collect();
+    format!("{} {cmd}", std::process::id())
+}
+
+fn process_alive(pid: i32) -> bool {
+    pid > 0 && Path::new(&format!("/proc/{pid}")).exists()
 }
 
 impl Repository {
@@ -79,7 +111,8 @@ impl Repository {
         for d in ["images", "tmp"] {
             mkdir_private(&root.join(d))?;
         }
-        let marker = serde_json::json!({"format": "cairn-repository", "version": 1, "id": id});
+        mkdir_private(&root.join("segments"))?;
+        let marker = serde_json::json!({"format": "cairn-repository", "version": format::FORMAT_VERSION, "id": id});
         write_file_synced(&root.join(MARKER), format!("{marker}\n").as_bytes())?;
         sync_dir(root)?;
         Ok(Repository {
@@ -107,14 +140,69 @@ impl Repository {
         self.root.join("images")
     }
 
-    fn tmp_dir(&self) -> PathBuf {
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
+    }
+
+    /// The shared segments: segments still referenced after the image that wrote them was removed
+    /// (docs/format.md, "Shared segments").
+    pub fn pool_dir(&self) -> PathBuf {
+        self.root.join("segments")
+    }
+
+    /// The format version the repository's marker records (1 when it records none).
+    pub fn marker_version(&self) -> Result<u64> {
+        let path = self.root.join(MARKER);
+        let v: serde_json::Value = serde_json::from_slice(
+            &read_bounded(&path, 4096)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        )
+        .with_context(|| format!("{} is not JSON", path.display()))?;
+        Ok(v.get("version").and_then(|v| v.as_u64()).unwrap_or(1))
+    }
+
+    /// Makes a format-1 repository a format-2 one (docs/format.md, "Upgrading"): the shared
+    /// segment directory, then the marker's version, replaced atomically. No image is touched:
+    /// version-1 images stay as they are and readable. Returns whether anything changed.
+    pub fn upgrade(&self, _lock: &RepoLock) -> Result<bool> {
+        let version = self.marker_version()?;
+        if version > u64::from(format::FORMAT_VERSION) {
+            bail!(
+                "repository {} is format version {version}; this cairn writes version {}: use a newer cairn",
+                self.root.display(),
+                format::FORMAT_VERSION
+            );
+        }
+        mkdir_private(&self.pool_dir())?;
+        if version == u64::from(format::FORMAT_VERSION) {
+            return Ok(false);
+        }
+        let path = self.root.join(MARKER);
+        let mut v: serde_json::Value = serde_json::from_slice(&read_bounded(&path, 4096)?)?;
+        v["version"] = serde_json::json!(format::FORMAT_VERSION);
+        let new = self.root.join(format!("{MARKER}.new"));
+        let _ = fs::remove_file(&new);
+        write_file_synced(&new, format!("{v}\n").as_bytes())?;
+        fs::rename(&new, &path).with_context(|| format!("cannot replace {}", path.display()))?;
+        sync_dir(&self.root)?;
+        tracing::info!(
+            "upgraded repository {} to format version {}",
+            self.root.display(),
+            format::FORMAT_VERSION
+        );
+        Ok(true)
     }
 
     /// Takes the writer lock, refusing (not waiting) when another cairn holds it.
     pub fn lock(&self) -> Result<RepoLock> {
+        self.lock_wait(std::time::Duration::ZERO)
+    }
+
+    /// Takes the writer lock, waiting up to `wait` for the cairn processes that hold it (shared
+    /// or exclusive) to finish; the error names them (pid and command line).
+    pub fn lock_wait(&self, wait: std::time::Duration) -> Result<RepoLock> {
         let path = self.root.join("lock");
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -122,28 +210,73 @@ impl Repository {
             .mode(0o600)
             .open(&path)
             .with_context(|| format!("cannot open lock file {}", path.display()))?;
-        // SAFETY: flock takes an open descriptor and an operation constant; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            // SAFETY: flock takes an open descriptor and an operation constant; no memory is
+            // involved.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
             let e = nix::errno::Errno::last();
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            if e == nix::errno::Errno::EWOULDBLOCK {
+            if e != nix::errno::Errno::EWOULDBLOCK {
+                return Err(anyhow!(e).context(format!("cannot lock {}", path.display())));
+            }
+            if std::time::Instant::now() >= deadline {
+                let waited = if wait.is_zero() {
+                    String::new()
+                } else {
+                    format!(" (waited {})", humantime::format_duration(wait))
+                };
                 bail!(
-                    "repository {} is locked by another cairn process{}; wait for it to finish and retry",
+                    "repository {} is locked by {}{waited}; wait for it to finish and retry{}",
                     self.root.display(),
-                    if holder.is_empty() { String::new() } else { format!(" (pid {holder})") }
+                    self.lock_holders(&file).join(", "),
+                    if wait.is_zero() {
+                        " (or give --wait DURATION)"
+                    } else {
+                        ""
+                    }
                 );
             }
-            return Err(anyhow!(e).context(format!("cannot lock {}", path.display())));
+            // Polling: flock(2) has no timeout, and a blocking flock in a thread could not be
+            // abandoned. A tenth of a second is invisible next to what a holder does.
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         file.set_len(0)?;
-        file.write_all_at(format!("{}\n", std::process::id()).as_bytes(), 0)?;
+        file.write_all_at(format!("{}\n", holder_line()).as_bytes(), 0)?;
         Ok(RepoLock { _file: file })
     }
 
+    /// Who holds the lock: the readers that recorded themselves (live pids only), or else the
+    /// writer the lock file names.
+    fn lock_holders(&self, lock_file: &File) -> Vec<String> {
+        let mut holders: Vec<String> = fs::read_dir(self.root.join(READERS))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let text = fs::read_to_string(e.path()).ok()?;
+                let line = text.lines().next()?.trim().to_string();
+                let pid: i32 = line.split_whitespace().next()?.parse().ok()?;
+                process_alive(pid).then(|| format!("pid {line} (shared)"))
+            })
+            .collect();
+        if holders.is_empty() {
+            let mut text = String::new();
+            let _ = (&*lock_file).read_to_string(&mut text);
+            let line = text.lines().next().unwrap_or("").trim();
+            holders.push(if line.is_empty() {
+                "another cairn process".to_string()
+            } else {
+                format!("pid {line}")
+            });
+        }
+        holders
+    }
+
     /// Takes the lock in shared mode, refusing (not waiting) while a writer holds it. Several
-    /// readers can hold it at once; the lock file is not written (it names the last writer).
+    /// readers can hold it at once; each records itself (pid and command line) under
+    /// `lock.readers/` so that a writer that has to wait can say for whom.
     pub fn lock_shared(&self) -> Result<SharedRepoLock> {
         let path = self.root.join("lock");
         // Read-only is enough for flock, and lets a repository on read-only media be mounted; a
@@ -161,7 +294,10 @@ impl Repository {
                 {
                     Ok(f) => f,
                     Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
-                        return Ok(SharedRepoLock { _file: None })
+                        return Ok(SharedRepoLock {
+                            _file: None,
+                            record: None,
+                        })
                     }
                     Err(e) => {
                         return Err(e)
@@ -178,13 +314,28 @@ impl Repository {
             let e = nix::errno::Errno::last();
             if e == nix::errno::Errno::EWOULDBLOCK {
                 bail!(
-                    "repository {} is being written by another cairn process; wait for it to finish and retry",
-                    self.root.display()
+                    "repository {} is being written by {}; wait for it to finish and retry",
+                    self.root.display(),
+                    self.lock_holders(&file).join(", ")
                 );
             }
             return Err(anyhow!(e).context(format!("cannot lock {}", path.display())));
         }
-        Ok(SharedRepoLock { _file: Some(file) })
+        // Best effort: on read-only media or a full disk the record is missing, and a waiting
+        // writer names only "another cairn process".
+        let record = (|| -> Option<PathBuf> {
+            static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let dir = self.root.join(READERS);
+            mkdir_private(&dir).ok()?;
+            let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let p = dir.join(format!("{}.{n}", std::process::id()));
+            fs::write(&p, format!("{}\n", holder_line())).ok()?;
+            Some(p)
+        })();
+        Ok(SharedRepoLock {
+            _file: Some(file),
+            record,
+        })
     }
 
     /// Removes what interrupted backups left in tmp/. Call with the lock held.
@@ -219,8 +370,22 @@ impl Repository {
         )
         .to_string();
         let base: String = t.chars().filter(|c| *c != '-' && *c != ':').collect();
-        let taken =
-            |id: &str| self.images_dir().join(id).exists() || self.tmp_dir().join(id).exists();
+        // An id whose segments still lie in the shared directory is taken too: a new image of
+        // that id would shadow them (docs/format.md, "Shared segments").
+        let pooled: std::collections::HashSet<String> = fs::read_dir(self.pool_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.rsplit_once('.').map(|(origin, _)| origin.to_string())
+            })
+            .collect();
+        let taken = |id: &str| {
+            self.images_dir().join(id).exists()
+                || self.tmp_dir().join(id).exists()
+                || pooled.contains(id)
+        };
         if !taken(&base) {
             return base;
         }
@@ -370,28 +535,37 @@ impl Repository {
 
     /// Loads an image's manifest (checked) without its index.
     pub fn load_manifest(&self, id: &str) -> Result<(Manifest, format::Hash)> {
+        self.load_manifest_rewritten(id).map(|(m, _, h)| (m, h))
+    }
+
+    /// Loads an image's manifest with the keys prune writes into a rewritten image.
+    pub fn load_manifest_rewritten(
+        &self,
+        id: &str,
+    ) -> Result<(Manifest, format::manifest::Rewrite, format::Hash)> {
         if !format::valid_image_id(id) {
             bail!("{id:?} is not a valid image id");
         }
         let path = self.images_dir().join(id).join("manifest");
         let bytes = read_bounded(&path, format::manifest::MAX_MANIFEST_LEN)
             .with_context(|| format!("image {id}: cannot read manifest"))?;
-        let (m, h) = Manifest::decode(&bytes).map_err(|e| image_error(id, "manifest", None, e))?;
+        let (m, r, h) =
+            Manifest::decode_rewritten(&bytes).map_err(|e| image_error(id, "manifest", None, e))?;
         if m.id != id {
             bail!(
                 "image {id}: manifest belongs to image {:?} (moved or copied by hand?)",
                 m.id
             );
         }
-        Ok((m, h))
+        Ok((m, r, h))
     }
 
     /// Loads an image with its index, checking the whole index against the manifest (read front
     /// to back in bounded memory; entries are read again on demand).
     pub fn load_image(&self, id: &str) -> Result<Image> {
-        let (manifest, manifest_hash) = self.load_manifest(id)?;
+        let (manifest, rewrite, manifest_hash) = self.load_manifest_rewritten(id)?;
         let dir = self.images_dir().join(id);
-        let ipath = dir.join("index");
+        let ipath = dir.join(format::index_file_name(rewrite.generation));
         let len = fs::metadata(&ipath)
             .with_context(|| format!("image {id}: cannot read index"))?
             .len();
@@ -415,18 +589,17 @@ impl Repository {
         }
         Ok(Image {
             dir,
+            pool: self.pool_dir(),
             manifest,
+            rewrite,
             manifest_hash,
             index,
         })
     }
 
-    pub fn begin_image(
-        &self,
-        id: &str,
-        segment_size: u64,
-        _lock: &RepoLock,
-    ) -> Result<ImageWriter> {
+    pub fn begin_image(&self, id: &str, segment_size: u64, lock: &RepoLock) -> Result<ImageWriter> {
+        // The first write into a format-1 repository upgrades it (its images stay as they are).
+        self.upgrade(lock)?;
         let dir = self.tmp_dir().join(id);
         mkdir_private(&dir)?;
         let ipath = dir.join("index");
@@ -709,6 +882,7 @@ impl ImageWriter {
                 number: seg.number,
                 size: seg.len,
                 blake3: seg.hasher.finalize().to_hex().to_string(),
+                origin: None,
             });
         }
         Ok(())
@@ -803,7 +977,11 @@ fn start_writeback(file: &File, offset: u64, len: u64) {
 /// A complete image: checked manifest and index.
 pub struct Image {
     pub dir: PathBuf,
+    /// The repository's shared segment directory.
+    pub pool: PathBuf,
     pub manifest: Manifest,
+    /// The keys of a rewritten image (all absent for an image as its backup wrote it).
+    pub rewrite: format::manifest::Rewrite,
     pub manifest_hash: format::Hash,
     pub index: IndexFile,
 }
@@ -813,19 +991,110 @@ impl Image {
         &self.manifest.id
     }
 
+    /// Whether `hash` (a child's record of its parent) names this restore point: its manifest's
+    /// hash, or one it was published under before a prune rewrote it.
+    pub fn answers_to(&self, hash: &str) -> bool {
+        format::hash_hex(&self.manifest_hash) == hash
+            || self.rewrite.former_manifests.iter().any(|h| h == hash)
+    }
+
+    /// The file name of this image's unreadable-range list.
+    pub fn bad_ranges_file_name(&self) -> String {
+        format::bad_ranges_file_name(self.rewrite.generation)
+    }
+
+    /// Where segment `number` of this image's list is, and what its header must say.
+    pub fn segment(&self, number: u32) -> Result<SegmentPlace> {
+        let seg = self.manifest.segments.get(number as usize).ok_or_else(|| {
+            anyhow!(
+                "image {}: segment {number} is not in its manifest",
+                self.id()
+            )
+        })?;
+        Ok(segment_place(&self.dir, &self.pool, self.id(), seg))
+    }
+
     /// Checks that every segment file exists with the size the manifest records (cheap; run before
     /// anything is written to a target).
     pub fn check_segments_present(&self) -> Result<()> {
-        check_files_present(&self.dir, &self.manifest, false)
+        check_files_present(&self.dir, &self.manifest, None)
+    }
+}
+
+/// A segment's file and identity (docs/format.md, "Shared segments").
+#[derive(Debug, Clone)]
+pub struct SegmentPlace {
+    pub path: PathBuf,
+    /// The image that wrote it and its number there (what its header says).
+    pub origin: format::manifest::SegmentOrigin,
+    pub size: u64,
+    pub blake3: String,
+}
+
+impl SegmentPlace {
+    /// A name for messages: the file under its directory.
+    pub fn name(&self) -> String {
+        let dir = self
+            .path
+            .parent()
+            .and_then(|p| p.file_name())
+            .map(|d| d.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let file = self
+            .path
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        format!("{dir}/{file}")
+    }
+}
+
+/// Where a manifest's segment reference points: the writer's image directory while that image
+/// exists, else the shared directory (a prune moves a still-referenced segment there with
+/// rename(2) before it removes the image that wrote it, so the file is always in exactly one of
+/// the two places).
+pub fn segment_place(
+    image_dir: &Path,
+    pool: &Path,
+    image_id: &str,
+    seg: &format::manifest::SegmentRef,
+) -> SegmentPlace {
+    let origin = seg
+        .origin
+        .clone()
+        .unwrap_or_else(|| format::manifest::SegmentOrigin {
+            image: image_id.to_string(),
+            number: seg.number,
+        });
+    let images = image_dir.parent().unwrap_or(image_dir);
+    let own = images
+        .join(&origin.image)
+        .join(segment_file_name(origin.number));
+    let pooled = pool.join(format::pooled_segment_file_name(
+        &origin.image,
+        origin.number,
+    ));
+    // Missing from both places: named where it should be while its writer's image exists.
+    let path = if own.exists() || (!pooled.exists() && own.parent().is_some_and(Path::is_dir)) {
+        own
+    } else {
+        pooled
+    };
+    SegmentPlace {
+        path,
+        origin,
+        size: seg.size,
+        blake3: seg.blake3.clone(),
     }
 }
 
 /// Checks that an image's files exist with the sizes its manifest records (the index too when
 /// `with_index`), without reading them: what `list` can afford for thousands of images.
-pub fn check_files_present(dir: &Path, m: &Manifest, with_index: bool) -> Result<()> {
+/// `index_generation`: check the index too, of that generation.
+pub fn check_files_present(dir: &Path, m: &Manifest, index_generation: Option<u32>) -> Result<()> {
     let id = &m.id;
-    let sized = |name: &str, want: u64| -> Result<()> {
-        let len = fs::metadata(dir.join(name))
+    let sized = |path: &Path, name: &str, want: u64| -> Result<()> {
+        let len = fs::metadata(path)
             .map_err(|e| anyhow!("image {id}: {name} is missing ({e})"))?
             .len();
         if len != want {
@@ -833,11 +1102,18 @@ pub fn check_files_present(dir: &Path, m: &Manifest, with_index: bool) -> Result
         }
         Ok(())
     };
-    if with_index {
-        sized("index", m.index.size)?;
+    if let Some(generation) = index_generation {
+        let name = format::index_file_name(generation);
+        sized(&dir.join(&name), &name, m.index.size)?;
     }
+    let pool = dir
+        .parent()
+        .and_then(Path::parent)
+        .map(|root| root.join("segments"))
+        .unwrap_or_default();
     for s in &m.segments {
-        sized(&segment_file_name(s.number), s.size)?;
+        let place = segment_place(dir, &pool, id, s);
+        sized(&place.path, &place.name(), s.size)?;
     }
     Ok(())
 }

@@ -228,8 +228,8 @@ fn unknown_manifest_version_refused() {
     let mpath = f.img().join("manifest");
     let m = fs::read(&mpath).unwrap();
     let rest = m
-        .strip_prefix(b"cairn-manifest 1 ".as_slice())
-        .expect("manifest starts with `cairn-manifest 1 `");
+        .strip_prefix(b"cairn-manifest 2 ".as_slice())
+        .expect("manifest starts with `cairn-manifest 2 `");
     let mut new = b"cairn-manifest 99 ".to_vec();
     new.extend_from_slice(rest);
     fs::write(&mpath, &new).unwrap();

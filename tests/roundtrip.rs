@@ -322,7 +322,7 @@ fn repository_layout_and_permissions() {
         dir_entries(&repo.join("tmp"))
     );
 
-    // manifest: "cairn-manifest 1 blake3=<64 hex>\n" + JSON body
+    // manifest: "cairn-manifest 2 blake3=<64 hex>\n" + JSON body
     let m = fs::read(img.join("manifest")).unwrap();
     let nl = m
         .iter()
@@ -330,7 +330,7 @@ fn repository_layout_and_permissions() {
         .expect("manifest has a first line");
     let first = std::str::from_utf8(&m[..nl]).unwrap();
     let hex = first
-        .strip_prefix("cairn-manifest 1 blake3=")
+        .strip_prefix("cairn-manifest 2 blake3=")
         .unwrap_or_else(|| panic!("bad manifest first line: {first:?}"));
     assert!(
         hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_hexdigit()),

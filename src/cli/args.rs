@@ -66,6 +66,95 @@ pub(super) enum Command {
     /// End a `cairn mount`: unmount its filesystems, detach its loop devices, end the view (also
     /// after the mount's process was killed).
     Umount(UmountArgs),
+    /// Remove old restore points by keep rules; the points kept stay exactly what they were.
+    #[command(long_about = PRUNE_ABOUT)]
+    Prune(PruneArgs),
+    /// Remove one restore point; the points that depend on it stay restorable.
+    Delete(DeleteArgs),
+    /// Protect a restore point from prune and delete (--unprotect: lift it).
+    Protect(ProtectArgs),
+    /// Upgrade a format-1 repository to format 2 (the first backup or prune does it too).
+    Upgrade(ListArgs),
+}
+
+const PRUNE_ABOUT: &str =
+    "Remove old restore points by keep rules, per name: a point is kept when any \
+rule keeps it (the union, as restic's forget), the newest point of each name and every protected \
+point are always kept, and with no rule prune refuses. Calendar rules count UTC hours, days, ISO \
+weeks and months, keeping the newest point of each; --keep-within counts back from the newest \
+point, not from now. --max-size then removes the oldest points until the repository fits.\n\n\
+A kept point keeps its id and stays bit for bit the same restore point: when the full it depends \
+on goes, it becomes a synthetic full; when incrementals below it go, their data is merged into it. \
+A merge writes only new indexes: the stored frames are reused where they are. Interrupted (kill, \
+power loss), it leaves every point restorable; the next prune finishes the job. See docs/prune.md.";
+
+#[derive(Args)]
+pub(super) struct PruneArgs {
+    /// Repository directory.
+    pub(super) repo: PathBuf,
+    /// Only the points of this name [default: every name, each decided on its own].
+    #[arg(long)]
+    pub(super) name: Option<String>,
+    /// Keep the N newest points.
+    #[arg(long, value_name = "N")]
+    pub(super) keep_last: Option<u32>,
+    /// Keep the newest point of each of the last N hours that have one.
+    #[arg(long, value_name = "N")]
+    pub(super) keep_hourly: Option<u32>,
+    /// Keep the newest point of each of the last N days that have one.
+    #[arg(long, value_name = "N")]
+    pub(super) keep_daily: Option<u32>,
+    /// Keep the newest point of each of the last N ISO weeks that have one.
+    #[arg(long, value_name = "N")]
+    pub(super) keep_weekly: Option<u32>,
+    /// Keep the newest point of each of the last N months that have one.
+    #[arg(long, value_name = "N")]
+    pub(super) keep_monthly: Option<u32>,
+    /// Keep every point made within DURATION (30d, 12h, 2weeks) of the newest point.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(super) keep_within: Option<std::time::Duration>,
+    /// Then remove the oldest points until the repository holds at most SIZE (never the newest
+    /// of a name, never a protected point).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub(super) max_size: Option<u64>,
+    /// Print the decision and the space it would free; change nothing.
+    #[arg(long)]
+    pub(super) dry_run: bool,
+    /// Wait up to DURATION for other cairn processes using the repository [default: 0, refuse].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(super) wait: Option<std::time::Duration>,
+}
+
+#[derive(Args)]
+pub(super) struct DeleteArgs {
+    /// Repository directory.
+    pub(super) repo: PathBuf,
+    /// The image to remove (`cairn list` shows them).
+    #[arg(long, required = true)]
+    pub(super) image: String,
+    /// Print what would happen; change nothing.
+    #[arg(long)]
+    pub(super) dry_run: bool,
+    /// Wait up to DURATION for other cairn processes using the repository [default: 0, refuse].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(super) wait: Option<std::time::Duration>,
+}
+
+#[derive(Args)]
+pub(super) struct ProtectArgs {
+    /// Repository directory.
+    pub(super) repo: PathBuf,
+    /// The image to protect.
+    #[arg(long, required = true)]
+    pub(super) image: String,
+    /// Lift the protection instead.
+    #[arg(long)]
+    pub(super) unprotect: bool,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration ({e}); e.g. 30d, 12h, 90s"))
 }
 
 const MOUNT_ABOUT: &str = "Show a restore point read-only under DIR, without writing anything anywhere: \
@@ -234,6 +323,10 @@ pub(super) enum TrackerCommand {
 pub(super) struct ListArgs {
     /// Repository directory.
     pub(super) repo: PathBuf,
+    /// With --json: one object with the rows (`images`) and the repository's `total_bytes` and
+    /// `reclaimable_bytes`, instead of the rows alone.
+    #[arg(long)]
+    pub(super) totals: bool,
 }
 
 /// Parses sizes like 4096, 64K, 1M, 2G, 1T (binary multiples).

@@ -9,6 +9,7 @@ mod imaging;
 mod inspect;
 mod mount;
 mod output;
+mod prune;
 mod tracker;
 
 pub use args::{parse_size, Cli};
@@ -56,11 +57,16 @@ fn dispatch(command: Command, ctx: &Ctx) -> Result<()> {
         Command::Verify(a) => inspect::cmd_verify(a, ctx),
         Command::Badmap(a) => inspect::cmd_badmap(a, ctx),
         Command::Show(a) => inspect::cmd_show(a, ctx),
+        Command::List(a) if a.totals || !ctx.json => prune::cmd_list_totals(a, ctx),
         Command::List(a) => inspect::cmd_list(a, ctx),
         Command::Disks => inspect::cmd_disks(ctx),
         Command::Tracker(t) => tracker::cmd_tracker(t, ctx),
         Command::Mount(a) => mount::cmd_mount(a, ctx),
         Command::Umount(a) => mount::cmd_umount(a, ctx),
+        Command::Prune(a) => prune::cmd_prune(a, ctx),
+        Command::Delete(a) => prune::cmd_delete(a, ctx),
+        Command::Protect(a) => prune::cmd_protect(a, ctx),
+        Command::Upgrade(a) => prune::cmd_upgrade(a, ctx),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Segment headers and frame headers (docs/format.md, "segment files").
 
-use super::{corrupt, le_u32, le_u64, FormatError, FORMAT_VERSION};
+use super::{corrupt, known_version, le_u32, le_u64, FormatError, FORMAT_VERSION};
 
 pub const SEGMENT_HEADER_LEN: usize = 32;
 pub const FRAME_HEADER_LEN: usize = 32;
@@ -14,6 +14,8 @@ pub fn image_tag(image_id: &str) -> [u8; 12] {
         .expect("12 bytes")
 }
 
+/// A segment header: the segment's number and the tag of the image that wrote it (its origin;
+/// in format 2 other images may reference it too).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SegmentHeader {
     pub number: u32,
@@ -40,7 +42,7 @@ impl SegmentHeader {
             return Err(corrupt("not a cairn segment (bad magic)"));
         }
         let version = le_u32(b, 8);
-        if version != FORMAT_VERSION {
+        if !known_version(version.into()) {
             return Err(FormatError::UnknownVersion {
                 found: version.into(),
             });

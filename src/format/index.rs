@@ -1,6 +1,6 @@
 //! The index: one fixed-size entry per stored (or explicitly zero) extent (docs/format.md, "index").
 
-use super::{corrupt, le_u32, le_u64, FormatError, Hash, FORMAT_VERSION};
+use super::{corrupt, known_version, le_u32, le_u64, FormatError, Hash, FORMAT_VERSION};
 
 const MAGIC: &[u8; 8] = b"CAIRNIDX";
 const HEADER_LEN: usize = 32;
@@ -9,18 +9,37 @@ pub const INDEX_ENTRY_LEN: usize = 72;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
-    Zero = 0,
-    Raw = 1,
-    Zstd = 2,
+    Zero,
+    Raw,
+    Zstd,
+    /// Format 2: the extent is a window of a stored frame that holds more (a frame whose other
+    /// parts a newer image replaced, carried over by prune without decoding it). The entry's
+    /// `stored_length`, `crc`, `segment_offset` and `hash` are the whole frame's.
+    Window(Window),
 }
 
+/// Where an extent lies in the stored frame it is a window of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    pub codec: super::frame::Codec,
+    /// Bytes of the frame's plaintext before the extent (a multiple of [`WINDOW_SKIP_UNIT`]).
+    pub skip: u32,
+    /// The frame's plaintext length.
+    pub frame_length: u32,
+}
+
+/// The unit the index stores a window's skip in (the smallest granule): skips are granule
+/// aligned, so 16 bits of it reach past the largest block.
+pub const WINDOW_SKIP_UNIT: u32 = super::MIN_GRANULE;
+const FLAG_WINDOW: u8 = 1;
+
 impl EntryKind {
-    fn from_u8(v: u8) -> Option<EntryKind> {
-        match v {
-            0 => Some(EntryKind::Zero),
-            1 => Some(EntryKind::Raw),
-            2 => Some(EntryKind::Zstd),
-            _ => None,
+    fn code(self) -> u8 {
+        match self {
+            EntryKind::Zero => 0,
+            EntryKind::Raw => 1,
+            EntryKind::Zstd => 2,
+            EntryKind::Window(w) => w.codec as u8,
         }
     }
 
@@ -29,6 +48,7 @@ impl EntryKind {
             EntryKind::Zero => None,
             EntryKind::Raw => Some(super::frame::Codec::Raw),
             EntryKind::Zstd => Some(super::frame::Codec::Zstd),
+            EntryKind::Window(w) => Some(w.codec),
         }
     }
 }
@@ -50,11 +70,25 @@ impl Entry {
         self.offset + u64::from(self.length)
     }
 
+    /// The source offset and plaintext length of the stored frame the entry reads: the extent
+    /// itself, or for a window the whole frame it lies in.
+    pub fn frame_span(&self) -> (u64, u32) {
+        match self.kind {
+            EntryKind::Window(w) => (self.offset - u64::from(w.skip), w.frame_length),
+            _ => (self.offset, self.length),
+        }
+    }
+
     fn encode_into(&self, b: &mut [u8]) {
         b.fill(0);
         b[0..8].copy_from_slice(&self.offset.to_le_bytes());
         b[8..12].copy_from_slice(&self.length.to_le_bytes());
-        b[12] = self.kind as u8;
+        b[12] = self.kind.code();
+        if let EntryKind::Window(w) = self.kind {
+            b[13] = FLAG_WINDOW;
+            b[14..16].copy_from_slice(&((w.skip / WINDOW_SKIP_UNIT) as u16).to_le_bytes());
+            b[36..40].copy_from_slice(&w.frame_length.to_le_bytes());
+        }
         b[16..20].copy_from_slice(&self.segment.to_le_bytes());
         b[20..24].copy_from_slice(&self.stored_length.to_le_bytes());
         b[24..32].copy_from_slice(&self.segment_offset.to_le_bytes());
@@ -63,8 +97,24 @@ impl Entry {
     }
 
     fn decode(b: &[u8]) -> Result<Self, FormatError> {
-        let kind = EntryKind::from_u8(b[12])
-            .ok_or_else(|| corrupt(format!("unknown entry kind {}", b[12])))?;
+        use super::frame::Codec;
+        let skip = u32::from(u16::from_le_bytes([b[14], b[15]])) * WINDOW_SKIP_UNIT;
+        let frame_length = le_u32(b, 36);
+        let kind = match (b[12], b[13]) {
+            (_, 0) if skip != 0 || frame_length != 0 => {
+                return Err(corrupt("index entry with nonzero reserved bytes"))
+            }
+            (0, 0) => EntryKind::Zero,
+            (1, 0) => EntryKind::Raw,
+            (2, 0) => EntryKind::Zstd,
+            (c @ (1 | 2), FLAG_WINDOW) => EntryKind::Window(Window {
+                codec: Codec::from_u8(c).expect("1 or 2"),
+                skip,
+                frame_length,
+            }),
+            (k, 0 | FLAG_WINDOW) => return Err(corrupt(format!("unknown entry kind {k}"))),
+            (_, f) => return Err(corrupt(format!("unknown entry flags {f}"))),
+        };
         Ok(Entry {
             offset: le_u64(b, 0),
             length: le_u32(b, 8),
@@ -260,7 +310,7 @@ fn check_stream(
         return Err(corrupt("not a cairn index (bad magic)"));
     }
     let version = le_u32(&b, 8);
-    if version != FORMAT_VERSION {
+    if !known_version(version.into()) {
         return Err(FormatError::UnknownVersion {
             found: version.into(),
         });
@@ -449,6 +499,36 @@ fn validate_entry(e: &Entry, geo: &Geometry, prev_end: u64) -> Result<(), String
                 return Err("zero extent with stored data".into());
             }
         }
+        EntryKind::Window(w) => {
+            if e.segment >= geo.segments {
+                return Err(format!("segment {} does not exist", e.segment));
+            }
+            if e.stored_length == 0 || e.segment_offset < super::SEGMENT_HEADER_LEN as u64 {
+                return Err(
+                    "window of a frame with no payload or inside the segment header".into(),
+                );
+            }
+            let skip = u64::from(w.skip);
+            let (fl, len) = (u64::from(w.frame_length), u64::from(e.length));
+            if w.frame_length > geo.block_size || skip + len > fl || skip > e.offset {
+                return Err(format!(
+                    "window at {} of {len} bytes, {skip} into a {fl}-byte frame: not inside it",
+                    e.offset
+                ));
+            }
+            let frame_start = e.offset - skip;
+            if frame_start % g != 0 || frame_start / bs != (frame_start + fl - 1) / bs {
+                return Err(format!(
+                    "window's frame at {frame_start} not aligned or crosses a block boundary"
+                ));
+            }
+            let raw = w.codec == super::frame::Codec::Raw;
+            if (raw && e.stored_length != w.frame_length)
+                || (!raw && e.stored_length >= w.frame_length)
+            {
+                return Err("window's frame has a stored length its codec never gives".into());
+            }
+        }
         EntryKind::Raw | EntryKind::Zstd => {
             if e.segment >= geo.segments {
                 return Err(format!("segment {} does not exist", e.segment));
@@ -489,7 +569,11 @@ mod tests {
     }
 
     fn entry(offset: u64, length: u32, kind: EntryKind) -> Entry {
-        let stored = if kind == EntryKind::Zero { 0 } else { length };
+        let stored = match kind {
+            EntryKind::Zero => 0,
+            EntryKind::Window(w) => w.frame_length,
+            _ => length,
+        };
         Entry {
             offset,
             length,
@@ -618,6 +702,36 @@ mod tests {
         }
         assert!(idx.get(1000).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn windows_round_trip_and_must_lie_inside_their_frame() {
+        let w = |skip, frame_length| {
+            EntryKind::Window(Window {
+                codec: super::super::frame::Codec::Raw,
+                skip,
+                frame_length,
+            })
+        };
+        let idx = Index {
+            entries: vec![
+                entry(0, 64 << 10, EntryKind::Raw),
+                entry(128 << 10, 64 << 10, w(128 << 10, 1 << 20)),
+                entry(960 << 10, 64 << 10, w(960 << 10, 1 << 20)),
+            ],
+        };
+        assert_eq!(Index::decode(&idx.encode(), &geo()).unwrap(), idx);
+        for bad in [
+            entry(960 << 10, 128 << 10, w(960 << 10, 1 << 20)), // past the frame's end
+            entry(64 << 10, 64 << 10, w(128 << 10, 1 << 20)),   // frame before offset 0
+            entry(1 << 20, 64 << 10, w(64 << 10, 1 << 20)),     // frame crosses a block
+        ] {
+            let b = Index {
+                entries: vec![bad.clone()],
+            }
+            .encode();
+            assert!(Index::decode(&b, &geo()).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

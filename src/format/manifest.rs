@@ -2,8 +2,7 @@
 
 use super::{
     check_sector_size, corrupt, invalid, parse_hash_hex, valid_image_id, valid_name, FormatError,
-    Hash, Index, FORMAT_VERSION, INDEX_ENTRY_LEN, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_GRANULE,
-    SEGMENT_HEADER_LEN,
+    Hash, Index, INDEX_ENTRY_LEN, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, MIN_GRANULE, SEGMENT_HEADER_LEN,
 };
 use serde::{Deserialize, Serialize};
 
@@ -72,9 +71,69 @@ pub struct IndexRef {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentRef {
+    /// The segment's position in this manifest's list (what index entries name).
     pub number: u32,
     pub size: u64,
     pub blake3: String,
+    /// Format 2: the image that wrote the segment and its number there, when that is not this
+    /// image at `number` (a segment shared with the image that wrote it, or kept after that image
+    /// was removed). Absent: this image wrote it as its segment `number`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<SegmentOrigin>,
+}
+
+/// Who wrote a segment: the writer's image id (its tag is in the segment header) and the number
+/// it gave the segment (also in the header).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SegmentOrigin {
+    pub image: String,
+    pub number: u32,
+}
+
+/// Format 2 keys a prune writes into the manifest of an image it rewrites (docs/format.md,
+/// "Rewritten images"). Kept apart from [`Manifest`] so that writers which never rewrite an
+/// image need not know them; all default to absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rewrite {
+    /// How many times the image was rewritten: names its index and badranges files.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub generation: u32,
+    /// Header hashes of the manifests this restore point was published under before, oldest
+    /// first: a child that recorded one of them as its parent's hash still links to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub former_manifests: Vec<String>,
+    /// Ids of the removed images whose data was merged into this one (informational).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_from: Vec<String>,
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+/// The most former manifests a rewritten image records (one per prune that rewrote it).
+pub const MAX_FORMER_MANIFESTS: usize = 100_000;
+
+impl Rewrite {
+    fn validate(&self, version: u32) -> Result<(), FormatError> {
+        if version < 2 && *self != Rewrite::default() {
+            return Err(corrupt(
+                "a format-1 manifest with format-2 keys (generation, former_manifests, merged_from)",
+            ));
+        }
+        if self.former_manifests.len() > MAX_FORMER_MANIFESTS
+            || self
+                .former_manifests
+                .iter()
+                .any(|h| parse_hash_hex(h).is_none())
+        {
+            return Err(corrupt("former_manifests invalid"));
+        }
+        if self.merged_from.iter().any(|id| !valid_image_id(id)) {
+            return Err(corrupt("merged_from holds an invalid image id"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,9 +211,31 @@ impl Manifest {
     /// child image records as `parent.manifest_blake3`.
     pub fn encode(&self) -> (Vec<u8>, Hash) {
         let body = serde_json::to_vec_pretty(self).expect("manifest serialises");
+        self.framed(body)
+    }
+
+    /// As [`Manifest::encode`], with the keys of a rewritten image.
+    pub fn encode_rewritten(&self, rewrite: &Rewrite) -> (Vec<u8>, Hash) {
+        #[derive(Serialize)]
+        struct Both<'a> {
+            #[serde(flatten)]
+            manifest: &'a Manifest,
+            #[serde(flatten)]
+            rewrite: &'a Rewrite,
+        }
+        let body = serde_json::to_vec_pretty(&Both {
+            manifest: self,
+            rewrite,
+        })
+        .expect("manifest serialises");
+        self.framed(body)
+    }
+
+    fn framed(&self, body: Vec<u8>) -> (Vec<u8>, Hash) {
         let hash = *blake3::hash(&body).as_bytes();
         let mut out = format!(
-            "{HEADER_PREFIX}{FORMAT_VERSION} blake3={}\n",
+            "{HEADER_PREFIX}{} blake3={}\n",
+            self.format_version,
             super::hash_hex(&hash)
         )
         .into_bytes();
@@ -164,6 +245,11 @@ impl Manifest {
 
     /// Parses and validates a manifest. Returns it with its header hash.
     pub fn decode(b: &[u8]) -> Result<(Self, Hash), FormatError> {
+        Self::decode_rewritten(b).map(|(m, _, h)| (m, h))
+    }
+
+    /// Parses and validates a manifest with the keys of a rewritten image.
+    pub fn decode_rewritten(b: &[u8]) -> Result<(Self, Rewrite, Hash), FormatError> {
         if b.len() as u64 > MAX_MANIFEST_LEN {
             return Err(corrupt(format!(
                 "manifest is {} bytes, larger than any cairn writes",
@@ -186,7 +272,7 @@ impl Manifest {
         let version: u64 = version
             .parse()
             .map_err(|_| corrupt(format!("manifest version {version:?} is not a number")))?;
-        if version != u64::from(FORMAT_VERSION) {
+        if !super::known_version(version) {
             return Err(FormatError::UnknownVersion { found: version });
         }
         let want = hash
@@ -202,14 +288,24 @@ impl Manifest {
         }
         let m: Manifest = serde_json::from_slice(body)
             .map_err(|e| corrupt(format!("manifest JSON invalid: {e}")))?;
+        if u64::from(m.format_version) != version {
+            return Err(invalid(
+                "format_version",
+                m.format_version,
+                &format!("differs from the header line's version {version}"),
+            ));
+        }
         m.validate()?;
-        Ok((m, got))
+        let rewrite: Rewrite = serde_json::from_slice(body)
+            .map_err(|e| corrupt(format!("manifest JSON invalid: {e}")))?;
+        rewrite.validate(m.format_version)?;
+        Ok((m, rewrite, got))
     }
 
     /// Checks every field against the format's rules (docs/format.md, "manifest"): what `decode`
     /// refuses, a writer must not commit. Errors name the field and its value.
     pub fn validate(&self) -> Result<(), FormatError> {
-        if self.format_version != FORMAT_VERSION {
+        if !super::known_version(self.format_version.into()) {
             return Err(FormatError::UnknownVersion {
                 found: self.format_version.into(),
             });
@@ -392,6 +488,15 @@ impl Manifest {
                     "segments must be numbered 0, 1, 2... in order",
                 ));
             }
+            if let Some(o) = &seg.origin {
+                if self.format_version < 2 || !valid_image_id(&o.image) {
+                    return Err(invalid(
+                        &format!("segments[{i}].origin.image"),
+                        format!("{:?}", o.image),
+                        "an origin needs format 2 and a valid image id",
+                    ));
+                }
+            }
             if parse_hash_hex(&seg.blake3).is_none() {
                 return Err(invalid(
                     &format!("segments[{i}].blake3"),
@@ -484,6 +589,7 @@ impl Manifest {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::format::FORMAT_VERSION;
 
     pub fn sample() -> Manifest {
         Manifest {
@@ -518,6 +624,7 @@ pub(crate) mod tests {
                 number: 0,
                 size: 32,
                 blake3: "11".repeat(32),
+                origin: None,
             }],
             stats: Stats {
                 stored_bytes: 32 + 64,
@@ -550,13 +657,45 @@ pub(crate) mod tests {
         let text =
             String::from_utf8(b)
                 .unwrap()
-                .replacen("cairn-manifest 1 ", "cairn-manifest 99 ", 1);
+                .replacen("cairn-manifest 2 ", "cairn-manifest 99 ", 1);
         assert!(matches!(
             Manifest::decode(text.as_bytes()),
             Err(FormatError::UnknownVersion { found: 99 })
         ));
         assert!(Manifest::decode(b"").is_err());
         assert!(Manifest::decode(b"cairn-manifest 1 blake3=zz\n{}").is_err());
+    }
+
+    /// A version-1 manifest (every image before format 2) still reads; format-2 keys in one do
+    /// not, nor a body whose version differs from its header line's.
+    #[test]
+    fn version_one_reads_and_keeps_to_version_one() {
+        let mut m = sample();
+        m.format_version = 1;
+        let (b, h) = m.encode();
+        assert!(b.starts_with(b"cairn-manifest 1 "));
+        let (back, rw, h2) = Manifest::decode_rewritten(&b).unwrap();
+        assert_eq!((back, rw, h2), (m.clone(), Rewrite::default(), h));
+        let with_keys = Rewrite {
+            generation: 1,
+            ..Rewrite::default()
+        };
+        let (b, _) = m.encode_rewritten(&with_keys);
+        assert!(Manifest::decode(&b).is_err());
+        m.segments[0].origin = Some(SegmentOrigin {
+            image: "20261126T141500Z".into(),
+            number: 3,
+        });
+        assert!(Manifest::decode(&m.encode().0).is_err());
+        m.format_version = 2;
+        let (b, _) = m.encode_rewritten(&with_keys);
+        let (back, rw, _) = Manifest::decode_rewritten(&b).unwrap();
+        assert_eq!((back, rw), (m.clone(), with_keys));
+        let text =
+            String::from_utf8(b)
+                .unwrap()
+                .replacen("cairn-manifest 2 ", "cairn-manifest 1 ", 1);
+        assert!(Manifest::decode(text.as_bytes()).is_err());
     }
 
     #[test]

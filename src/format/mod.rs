@@ -14,8 +14,15 @@ pub use index::{Entry, EntryKind, Index, IndexFile, IndexSummary, IndexWriter, I
 pub use manifest::{ImageKind, Manifest, Method, SourceIdentity};
 pub use table::{PartitionRecord, PartitionTableRecord, TableKind};
 
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes (docs/format.md, "Version history").
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads: version 1 repositories stay readable.
+pub const MIN_FORMAT_VERSION: u32 = 1;
+
+/// Whether this build reads files of format `version`.
+pub fn known_version(version: u64) -> bool {
+    (u64::from(MIN_FORMAT_VERSION)..=u64::from(FORMAT_VERSION)).contains(&version)
+}
 
 /// Default bytes per block: the unit read, hashed and compressed as one frame.
 pub const DEFAULT_BLOCK_SIZE: u32 = 1 << 20;
@@ -35,7 +42,7 @@ pub type Hash = [u8; 32];
 pub enum FormatError {
     #[error("{0}")]
     Corrupt(String),
-    #[error("unknown format version {found} (this cairn reads version {FORMAT_VERSION}); use a newer cairn")]
+    #[error("unknown format version {found} (this cairn reads versions {MIN_FORMAT_VERSION} to {FORMAT_VERSION}); use a newer cairn")]
     UnknownVersion { found: u64 },
 }
 
@@ -121,6 +128,29 @@ fn valid_token(s: &str, max: usize, allowed: impl Fn(char) -> bool) -> bool {
 /// File name of segment `n` inside an image directory.
 pub fn segment_file_name(n: u32) -> String {
     format!("segment-{n:06}")
+}
+
+/// File name, in the repository's shared `segments/` directory, of segment `n` written by image
+/// `origin` after that image was removed (docs/format.md, "Shared segments").
+pub fn pooled_segment_file_name(origin: &str, n: u32) -> String {
+    format!("{origin}.{n:06}")
+}
+
+/// File name of an image's index of generation `g` (0: written by a backup; more: rewritten by
+/// prune, which never overwrites the file the published manifest names).
+pub fn index_file_name(g: u32) -> String {
+    match g {
+        0 => "index".to_string(),
+        g => format!("index.{g}"),
+    }
+}
+
+/// File name of an image's unreadable ranges of generation `g` (as [`index_file_name`]).
+pub fn bad_ranges_file_name(g: u32) -> String {
+    match g {
+        0 => badranges::FILE_NAME.to_string(),
+        g => format!("{}.{g}", badranges::FILE_NAME),
+    }
 }
 
 #[cfg(test)]

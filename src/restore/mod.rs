@@ -64,6 +64,8 @@ pub fn select_image(repo: &Repository, name: Option<&str>, image: Option<&str>) 
 
 pub fn run(opts: &RestoreOptions, progress: &Progress) -> Result<RestoreReport> {
     let started = Instant::now();
+    // Held to the end: nothing the restore reads may be removed (a prune) while it runs.
+    let _lock = Repository::open(&opts.repo)?.lock_shared()?;
     let (id, chain) = open_restore_point(opts)?;
     let m = &chain.last().expect("non-empty chain").manifest;
     let image_size = m.source.size;
