@@ -7,6 +7,7 @@
 
 use super::cache::BlockCache;
 use crate::chain::Planner;
+use crate::format::manifest::Manifest;
 use crate::reader::BlockDecoder;
 use crate::repo::Image;
 use anyhow::{anyhow, Result};
@@ -34,6 +35,11 @@ impl RestorePoint {
             block_size: u64::from(m.block_size),
             chain,
         }
+    }
+
+    /// The manifest of the restore point's own image (the newest of its chain).
+    pub fn manifest(&self) -> &Manifest {
+        &self.chain.last().expect("a chain holds its image").manifest
     }
 }
 
@@ -95,6 +101,24 @@ impl Drop for Finish<'_> {
 /// leave them half-updated.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+enum Claim {
+    Cached(Arc<[u8]>),
+    Waiting(Arc<Loading>),
+    Decoding(Arc<Loading>),
+}
+
+/// The outcome of another reader's decode, once it is there.
+fn wait_for(slot: &Loading) -> Result<Arc<[u8]>> {
+    let mut done = lock(&slot.done);
+    while done.is_none() {
+        done = slot.ready.wait(done).unwrap_or_else(|p| p.into_inner());
+    }
+    match done.as_ref().expect("set") {
+        Ok(b) => Ok(b.clone()),
+        Err(msg) => Err(anyhow!("{msg}")),
+    }
 }
 
 /// Why a read failed: the block and the reader's error (which names image, segment and offset).
@@ -172,40 +196,42 @@ impl BlockSource {
 
     /// The checked plaintext of one block.
     pub fn block(&self, block: u64) -> Result<Arc<[u8]>> {
+        match self.claim(block) {
+            Claim::Cached(b) => Ok(b),
+            Claim::Waiting(slot) => wait_for(&slot),
+            Claim::Decoding(slot) => self.decode_for_all(block, &slot),
+        }
+    }
+
+    /// Whether `block` is cached, being decoded by another reader, or this reader's to decode.
+    fn claim(&self, block: u64) -> Claim {
         if let Some(b) = self.cache.get(block) {
-            return Ok(b);
+            return Claim::Cached(b);
         }
-        let (slot, first) = {
-            let mut loading = lock(&self.loading);
-            // Checked again under the lock: the decode may have finished meanwhile (it is
-            // cached before its slot goes).
-            if let Some(b) = self.cache.get(block) {
-                return Ok(b);
-            }
-            match loading.get(&block) {
-                Some(s) => (s.clone(), false),
-                None => {
-                    let s = Arc::new(Loading::default());
-                    loading.insert(block, s.clone());
-                    (s, true)
-                }
-            }
-        };
-        if !first {
-            let mut done = lock(&slot.done);
-            while done.is_none() {
-                done = slot.ready.wait(done).unwrap_or_else(|p| p.into_inner());
-            }
-            return match done.as_ref().expect("set") {
-                Ok(b) => Ok(b.clone()),
-                Err(msg) => Err(anyhow!("{msg}")),
-            };
+        let mut loading = lock(&self.loading);
+        // Checked again under the lock: the decode may have finished meanwhile (it is cached
+        // before its slot goes).
+        if let Some(b) = self.cache.get(block) {
+            return Claim::Cached(b);
         }
+        match loading.get(&block) {
+            Some(s) => Claim::Waiting(s.clone()),
+            None => {
+                let s = Arc::new(Loading::default());
+                loading.insert(block, s.clone());
+                Claim::Decoding(s)
+            }
+        }
+    }
+
+    /// Decodes a claimed block, caches it if it passed every check, and hands the outcome to
+    /// the readers waiting on `slot`.
+    fn decode_for_all(&self, block: u64, slot: &Loading) -> Result<Arc<[u8]>> {
         // Wakes the waiters and clears the slot however this ends (a panic included).
         let finish = Finish {
             loading: &self.loading,
             block,
-            slot: &slot,
+            slot,
         };
         let result = self.decode(block);
         if let Ok(b) = &result {
