@@ -121,6 +121,18 @@ fn wait_for(slot: &Loading) -> Result<Arc<[u8]>> {
     }
 }
 
+/// A checked block and the part of it a read covers.
+pub struct Slice {
+    data: Arc<[u8]>,
+    range: std::ops::Range<usize>,
+}
+
+impl Slice {
+    pub fn bytes(&self) -> &[u8] {
+        &self.data[self.range.clone()]
+    }
+}
+
 /// Why a read failed: the block and the reader's error (which names image, segment and offset).
 pub struct ReadFailure {
     pub block: u64,
@@ -259,7 +271,20 @@ impl BlockSource {
     /// Fills `out` with the restore point's bytes from `offset` (which must lie inside it, with
     /// `out`): all of them checked, or an error naming the first block that failed.
     pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), ReadFailure> {
-        let end = offset + out.len() as u64;
+        let mut at = 0;
+        for s in self.read_slices(offset, out.len())? {
+            let part = s.bytes();
+            out[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        Ok(())
+    }
+
+    /// The restore point's `len` bytes from `offset` (which must lie inside it) as the parts of
+    /// the checked blocks that hold them, in order, without copying them: all of them checked, or
+    /// an error naming the first block that failed.
+    pub fn read_slices(&self, offset: u64, len: usize) -> Result<Vec<Slice>, ReadFailure> {
+        let end = offset + len as u64;
         if end > self.point.size {
             return Err(ReadFailure {
                 block: offset / self.point.block_size,
@@ -271,6 +296,7 @@ impl BlockSource {
             });
         }
         let bs = self.point.block_size;
+        let mut slices = Vec::with_capacity(1);
         let mut pos = offset;
         while pos < end {
             let block = pos / bs;
@@ -279,25 +305,30 @@ impl BlockSource {
                 .map_err(|error| ReadFailure { block, error })?;
             let rel = (pos - block * bs) as usize;
             let n = ((end - pos) as usize).min(data.len() - rel);
-            let at = (pos - offset) as usize;
-            out[at..at + n].copy_from_slice(&data[rel..rel + n]);
+            slices.push(Slice {
+                data,
+                range: rel..rel + n,
+            });
             pos += n as u64;
         }
-        if out.is_empty() {
-            return Ok(());
+        if len > 0 {
+            self.read_ahead_after(offset / bs, (end - 1) / bs);
         }
-        let (first, last) = (offset / bs, (end - 1) / bs);
+        Ok(slices)
+    }
+
+    /// Queues the blocks after `last` for the read-ahead thread when the read of blocks
+    /// `first..=last` continues the one before it.
+    fn read_ahead_after(&self, first: u64, last: u64) {
         let prev = self.last_end.swap(last + 1, Ordering::Relaxed);
-        if let Some(tx) = &self.ahead {
-            if prev == first || prev == first + 1 {
-                let blocks = self.point.size.div_ceil(bs);
-                for b in (last + 1..=last + READ_AHEAD_BLOCKS).filter(|&b| b < blocks) {
-                    // A full queue means the thread is behind: skip rather than wait.
-                    let _ = tx.try_send(b);
-                }
+        let Some(tx) = &self.ahead else { return };
+        if prev == first || prev == first + 1 {
+            let blocks = self.point.size.div_ceil(self.point.block_size);
+            for b in (last + 1..=last + READ_AHEAD_BLOCKS).filter(|&b| b < blocks) {
+                // A full queue means the thread is behind: skip rather than wait.
+                let _ = tx.try_send(b);
             }
         }
-        Ok(())
     }
 
     /// The bytes `[start, start + len)` of the restore point as a seekable stream (for the
