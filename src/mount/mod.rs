@@ -152,7 +152,7 @@ pub fn serve(
     let parts = layout::plan_parts(&source, table.as_ref(), opts.raw);
     let tree = layout::build_tree(point.size, &parts, opts.raw);
     let pid = std::process::id();
-    record(&dir, pid, &point.id, &log)?;
+    record(&dir, pid, &point.id, &opts.repo, &log)?;
     let mut view = ServedView::start(&dir, tree, &source).inspect_err(|_| state::remove(&dir))?;
     let manifest = point.manifest();
     let parts =
@@ -222,14 +222,57 @@ fn block_signals() -> Result<SigSet> {
 }
 
 /// The record `cairn umount` finds the mount by, also after this process was killed.
-fn record(dir: &Path, pid: u32, image: &str, log: &Option<PathBuf>) -> Result<()> {
+fn record(dir: &Path, pid: u32, image: &str, repo: &Path, log: &Option<PathBuf>) -> Result<()> {
     state::write(&state::State {
         dir: dir.to_path_buf(),
         pid,
         start_time: state::start_time(pid).unwrap_or(0),
         image: image.to_string(),
         log: log.clone(),
+        repo: repo.canonicalize().ok(),
     })
+}
+
+/// A running `cairn mount` of a repository (it holds the repository's lock shared).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Holder {
+    pub dir: PathBuf,
+    pub pid: u32,
+    pub image: String,
+}
+
+/// The running mounts of the repository at `repo`, for a command refused because the
+/// repository is locked: they say who holds it and what ends it (`cairn umount DIR`).
+pub fn holders(repo: &Path) -> Vec<Holder> {
+    let Ok(repo) = repo.canonicalize() else {
+        return Vec::new();
+    };
+    let mut found: Vec<Holder> = state::all()
+        .into_iter()
+        .filter(|s| s.repo.as_deref() == Some(repo.as_path()) && state::server_alive(s))
+        .map(|s| Holder {
+            dir: s.dir,
+            pid: s.pid,
+            image: s.image,
+        })
+        .collect();
+    found.sort_by(|a, b| a.dir.cmp(&b.dir));
+    found
+}
+
+/// " (held by `cairn mount` at DIR, pid P: `cairn umount DIR` ends it)" for each running mount
+/// of `repo`, or "" when none is running: for the message of a refused lock.
+pub fn holders_note(repo: &Path) -> String {
+    holders(repo)
+        .iter()
+        .map(|h| {
+            format!(
+                " (held by `cairn mount` at {d}, pid {}: `cairn umount {d}` ends it)",
+                h.pid,
+                d = h.dir.display()
+            )
+        })
+        .collect()
 }
 
 /// The FUSE view, mounted at DIR and served by its own threads.
