@@ -538,3 +538,29 @@ fn a_running_mount_names_itself_as_the_holder_of_its_repository() {
     view.umount();
     assert!(cairn::mount::holders(&repo).is_empty());
 }
+
+#[test]
+fn umount_of_a_view_in_use_is_refused_at_once_and_works_once_it_is_closed() {
+    require_root();
+    let t = tempdir();
+    let src = t.path().join("src.img");
+    let repo = t.path().join("repo");
+    write_random_file(&src, 2 * MIB, 13);
+    backup(s(&src), &repo, "f", &[]);
+    let view = MountDir::new(t.path(), "view");
+    view.mount(&repo, &["--raw"]);
+    // What a VM booted from DIR/disk does: keep it open.
+    let open = fs::File::open(view.path().join("disk")).unwrap();
+    let refused = cairn(&["umount", s(view.path())]);
+    refused.error();
+    assert!(
+        refused.error_line().contains("is busy"),
+        "{}",
+        refused.describe()
+    );
+    let mut byte = [0u8; 1];
+    open.read_exact_at(&mut byte, 0).unwrap();
+    assert_eq!(byte[0], fs::read(&src).unwrap()[0], "still serving");
+    drop(open);
+    view.umount();
+}

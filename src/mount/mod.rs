@@ -153,7 +153,7 @@ pub fn serve(
     let tree = layout::build_tree(point.size, &parts, opts.raw);
     let pid = std::process::id();
     record(&dir, pid, &point.id, &opts.repo, &log)?;
-    let mut view = ServedView::start(&dir, tree, &source).inspect_err(|_| state::remove(&dir))?;
+    let view = ServedView::start(&dir, tree, &source).inspect_err(|_| state::remove(&dir))?;
     let manifest = point.manifest();
     let parts =
         filesystems::mount_parts(&dir, &parts, manifest.source.logical_sector_size, opts.raw);
@@ -172,7 +172,7 @@ pub fn serve(
         log,
         warnings,
     });
-    serve_until_ended(&signals, &dir, &mut view)?;
+    serve_until_ended(&signals, &dir)?;
     view.join();
     state::remove(&dir);
     Ok(())
@@ -276,9 +276,12 @@ pub fn holders_note(repo: &Path) -> String {
 }
 
 /// The FUSE view, mounted at DIR and served by its own threads.
+///
+/// It is unmounted with umount(2) on DIR, never with fuser's unmounter: that one gives its
+/// mount up on the first attempt, so after a refusal (EBUSY) a later call would do nothing and
+/// report success, and the serving threads would never end.
 struct ServedView {
     thread: std::thread::JoinHandle<std::io::Result<()>>,
-    unmounter: fuser::SessionUnmounter,
 }
 
 impl ServedView {
@@ -294,9 +297,8 @@ impl ServedView {
         ];
         config.n_threads = Some(FUSE_THREADS);
         let view = view::View::new(tree, source.clone(), point.manifest().created_unix);
-        let mut session = fuser::Session::new(view, dir, &config)
+        let session = fuser::Session::new(view, dir, &config)
             .with_context(|| format!("cannot mount the view at {}", dir.display()))?;
-        let unmounter = session.unmount_callable();
         let thread = std::thread::Builder::new()
             .name("cairn-view".into())
             .spawn(move || {
@@ -306,7 +308,7 @@ impl ServedView {
                 r
             })
             .context("cannot start the view's thread")?;
-        Ok(ServedView { thread, unmounter })
+        Ok(ServedView { thread })
     }
 
     /// Waits for the view's threads to end (after it was unmounted).
@@ -321,7 +323,7 @@ impl ServedView {
 
 /// Serves until a signal ends the mount (its filesystems released first, then the view
 /// unmounted) or the view is unmounted from outside.
-fn serve_until_ended(signals: &SigSet, dir: &Path, view: &mut ServedView) -> Result<()> {
+fn serve_until_ended(signals: &SigSet, dir: &Path) -> Result<()> {
     loop {
         let sig = signals.wait().context("waiting for a signal")?;
         if sig == Signal::SIGUSR1 {
@@ -332,9 +334,13 @@ fn serve_until_ended(signals: &SigSet, dir: &Path, view: &mut ServedView) -> Res
             return Ok(());
         }
         match filesystems::release(dir) {
-            Ok(()) => match view.unmounter.unmount() {
-                Ok(()) => return Ok(()),
-                Err(e) => tracing::error!("cannot unmount the view at {}: {e}", dir.display()),
+            Ok(()) => match nix::mount::umount2(dir, nix::mount::MntFlags::empty()) {
+                // EINVAL: unmounted already (by `cairn umount`); the view's end is on its way.
+                Ok(()) | Err(nix::errno::Errno::EINVAL) => return Ok(()),
+                Err(e) => tracing::error!(
+                    "cannot unmount the view at {}: {e}; still serving it",
+                    dir.display()
+                ),
             },
             // Something below DIR is in use: keep serving it rather than pull it away.
             Err(e) => tracing::error!("{e:#}; still serving {}", dir.display()),

@@ -27,13 +27,13 @@ pub fn umount(dir: &Path) -> Result<UmountReport> {
     }
     let alive = st.as_ref().filter(|s| state::server_alive(s));
     release_below(&dir, alive.is_some())?;
+    // The view goes here, not in the server: a busy one (a VM booted from DIR/disk, a shell in
+    // DIR) is refused at once and keeps serving, and the server then ends on its own.
+    if view_mounted(&dir)? {
+        unmount_view(&dir)?;
+    }
     if let Some(s) = alive {
         end_server(s)?;
-    }
-    if view_mounted(&dir)? {
-        nix::mount::umount2(&dir, nix::mount::MntFlags::empty()).map_err(|e| {
-            anyhow!(e).context(format!("cannot unmount the view at {}", dir.display()))
-        })?;
     }
     if let Some(log) = st.as_ref().and_then(|s| s.log.as_ref()) {
         let _ = std::fs::remove_file(log);
@@ -43,6 +43,20 @@ pub fn umount(dir: &Path) -> Result<UmountReport> {
         dir,
         server_was_dead: st.is_some() && alive.is_none(),
     })
+}
+
+fn unmount_view(dir: &Path) -> Result<()> {
+    match nix::mount::umount2(dir, nix::mount::MntFlags::empty()) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) => Ok(()),
+        Err(nix::errno::Errno::EBUSY) => bail!(
+            "{} is busy: a process has a file open there (`fuser -vm {}` names it; a VM booted \
+             from DIR/disk must be stopped first); close it and run `cairn umount {}` again",
+            dir.display(),
+            dir.display(),
+            dir.display()
+        ),
+        Err(e) => Err(anyhow!(e).context(format!("cannot unmount the view at {}", dir.display()))),
+    }
 }
 
 fn view_mounted(dir: &Path) -> Result<bool> {
