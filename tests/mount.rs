@@ -503,3 +503,64 @@ fn parallel_readers_get_the_right_bytes() {
     });
     view.umount();
 }
+
+#[test]
+fn a_running_mount_names_itself_as_the_holder_of_its_repository() {
+    require_root();
+    let t = tempdir();
+    let src = t.path().join("src.img");
+    let repo = t.path().join("repo");
+    let other = t.path().join("other");
+    write_random_file(&src, 2 * MIB, 9);
+    backup(s(&src), &repo, "f", &[]);
+    backup(s(&src), &other, "f", &[]);
+    let view = MountDir::new(t.path(), "view");
+    let report = view.mount(&repo, &["--raw"]);
+    let pid = report["pid"].as_u64().unwrap() as u32;
+    let holders = cairn::mount::holders(&repo);
+    assert_eq!(
+        holders,
+        vec![cairn::mount::Holder {
+            dir: view.path().to_path_buf(),
+            pid,
+            image: report["image"].as_str().unwrap().to_string(),
+        }]
+    );
+    let note = cairn::mount::holders_note(&repo);
+    assert!(
+        note.contains(&format!("`cairn umount {}`", s(view.path()))),
+        "{note}"
+    );
+    assert!(cairn::mount::holders(&other).is_empty());
+    // The refused backup meanwhile: what the lock says today (the lead wires holders_note in).
+    let refused = cairn(&["backup", s(&src), s(&repo), "--name", "f"]);
+    refused.error();
+    view.umount();
+    assert!(cairn::mount::holders(&repo).is_empty());
+}
+
+#[test]
+fn umount_of_a_view_in_use_is_refused_at_once_and_works_once_it_is_closed() {
+    require_root();
+    let t = tempdir();
+    let src = t.path().join("src.img");
+    let repo = t.path().join("repo");
+    write_random_file(&src, 2 * MIB, 13);
+    backup(s(&src), &repo, "f", &[]);
+    let view = MountDir::new(t.path(), "view");
+    view.mount(&repo, &["--raw"]);
+    // What a VM booted from DIR/disk does: keep it open.
+    let open = fs::File::open(view.path().join("disk")).unwrap();
+    let refused = cairn(&["umount", s(view.path())]);
+    refused.error();
+    assert!(
+        refused.error_line().contains("is busy"),
+        "{}",
+        refused.describe()
+    );
+    let mut byte = [0u8; 1];
+    open.read_exact_at(&mut byte, 0).unwrap();
+    assert_eq!(byte[0], fs::read(&src).unwrap()[0], "still serving");
+    drop(open);
+    view.umount();
+}

@@ -261,34 +261,7 @@ impl Vm {
     /// Boots the guest with its serial console on a pipe.
     pub fn spawn(&self) -> Running {
         let rescue = rescue();
-        fs::create_dir_all(&self.workdir).unwrap();
-        let mut cmd = self.command(rescue);
-        let rendered = format!("{cmd:?}");
-        let stderr_path = self.workdir.join("qemu.stderr");
-        let serial_path = self.workdir.join("serial.log");
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(File::create(&stderr_path).unwrap());
-        let started = Instant::now();
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start qemu ({rendered}): {e}"));
-        let stdout = child.stdout.take().unwrap();
-        let stdin = child.stdin.take();
-        let console = Arc::new(Console::default());
-        let c2 = console.clone();
-        let log = File::create(&serial_path).unwrap();
-        let reader = thread::spawn(move || c2.pump(stdout, log));
-        Running {
-            child,
-            stdin,
-            console,
-            reader: Some(reader),
-            started,
-            command: rendered,
-            serial_path,
-            stderr_path,
-        }
+        spawn_qemu(self.command(rescue), &self.workdir)
     }
 
     /// Boots the guest and waits until it powers off (or `timeout` passes: then qemu is killed and
@@ -296,6 +269,38 @@ impl Vm {
     pub fn run(&self, timeout: Duration) -> Finished {
         let mut r = self.spawn();
         r.wait_exit(timeout)
+    }
+}
+
+/// Starts `cmd` (a qemu with `-serial stdio`) with its serial console on a pipe, and serial.log and
+/// qemu.stderr in `workdir`.
+pub fn spawn_qemu(mut cmd: Command, workdir: &Path) -> Running {
+    fs::create_dir_all(workdir).unwrap();
+    let rendered = format!("{cmd:?}");
+    let stderr_path = workdir.join("qemu.stderr");
+    let serial_path = workdir.join("serial.log");
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(File::create(&stderr_path).unwrap());
+    let started = Instant::now();
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start qemu ({rendered}): {e}"));
+    let stdout = child.stdout.take().unwrap();
+    let stdin = child.stdin.take();
+    let console = Arc::new(Console::default());
+    let c2 = console.clone();
+    let log = File::create(&serial_path).unwrap();
+    let reader = thread::spawn(move || c2.pump(stdout, log));
+    Running {
+        child,
+        stdin,
+        console,
+        reader: Some(reader),
+        started,
+        command: rendered,
+        serial_path,
+        stderr_path,
     }
 }
 

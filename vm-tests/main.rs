@@ -7,6 +7,7 @@
 //! Serial consoles and qemu's stderr of each run stay in the test's temporary directory, printed on
 //! failure; CAIRN_VM_KEEP=1 keeps the directory (path printed).
 
+mod boot_mount;
 mod disks;
 mod failing;
 mod harness;

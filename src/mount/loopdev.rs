@@ -58,65 +58,80 @@ pub fn attach(backing: &Path, block_size: u32) -> Result<LoopDevice> {
         .with_context(|| format!("cannot open {} for a loop device", backing.display()))?;
     let ctl = File::open("/dev/loop-control")
         .context("cannot open /dev/loop-control (is the loop driver loaded?)")?;
+    let config = loop_config(&backing_file, backing, block_size);
     // Another process can take the free device between GET_FREE and CONFIGURE (EBUSY): ask
     // again a bounded number of times.
     for _ in 0..16 {
-        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number or -1.
-        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("no free loop device (LOOP_CTL_GET_FREE)");
-        }
-        let path = PathBuf::from(format!("/dev/loop{n}"));
-        let dev = OpenOptions::new()
-            .read(true)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        let mut name = [0u8; LO_NAME_SIZE];
-        let bytes = backing.as_os_str().as_encoded_bytes();
-        let len = bytes.len().min(LO_NAME_SIZE - 1);
-        name[..len].copy_from_slice(&bytes[..len]);
-        let config = LoopConfig {
-            fd: backing_file.as_raw_fd() as u32,
-            block_size,
-            info: LoopInfo64 {
-                lo_device: 0,
-                lo_inode: 0,
-                lo_rdevice: 0,
-                lo_offset: 0,
-                lo_sizelimit: 0,
-                lo_number: 0,
-                lo_encrypt_type: 0,
-                lo_encrypt_key_size: 0,
-                lo_flags: LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
-                lo_file_name: name,
-                lo_crypt_name: [0; LO_NAME_SIZE],
-                lo_encrypt_key: [0; 32],
-                lo_init: [0; 2],
-            },
-            reserved: [0; 8],
-        };
-        // SAFETY: LOOP_CONFIGURE reads one `struct loop_config`, which `config` is (layout
-        // checked above), alive for the call; the kernel takes its own reference to the fd.
-        let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &config) };
-        if rc == 0 {
-            return Ok(LoopDevice { path, _file: dev });
-        }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EBUSY) {
-            return Err(err).with_context(|| {
-                format!(
-                    "cannot attach {} to {} (LOOP_CONFIGURE)",
-                    backing.display(),
-                    path.display()
-                )
-            });
+        if let Some(dev) = configure_free(&ctl, &config, backing)? {
+            return Ok(dev);
         }
     }
     bail!(
         "no free loop device for {}: others kept taking them",
         backing.display()
     )
+}
+
+/// A read-only, auto-clear configuration over `backing_file` (whose path the kernel shows in
+/// sysfs, where `umount` finds it).
+fn loop_config(backing_file: &File, backing: &Path, block_size: u32) -> LoopConfig {
+    let mut name = [0u8; LO_NAME_SIZE];
+    let bytes = backing.as_os_str().as_encoded_bytes();
+    let len = bytes.len().min(LO_NAME_SIZE - 1);
+    name[..len].copy_from_slice(&bytes[..len]);
+    LoopConfig {
+        fd: backing_file.as_raw_fd() as u32,
+        block_size,
+        info: LoopInfo64 {
+            lo_device: 0,
+            lo_inode: 0,
+            lo_rdevice: 0,
+            lo_offset: 0,
+            lo_sizelimit: 0,
+            lo_number: 0,
+            lo_encrypt_type: 0,
+            lo_encrypt_key_size: 0,
+            lo_flags: LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR,
+            lo_file_name: name,
+            lo_crypt_name: [0; LO_NAME_SIZE],
+            lo_encrypt_key: [0; 32],
+            lo_init: [0; 2],
+        },
+        reserved: [0; 8],
+    }
+}
+
+/// Configures the loop device the kernel says is free; None when another process took it first.
+fn configure_free(ctl: &File, config: &LoopConfig, backing: &Path) -> Result<Option<LoopDevice>> {
+    // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a device number or -1.
+    let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error())
+            .context("no free loop device (LOOP_CTL_GET_FREE)");
+    }
+    let path = PathBuf::from(format!("/dev/loop{n}"));
+    let dev = OpenOptions::new()
+        .read(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // SAFETY: LOOP_CONFIGURE reads one `struct loop_config`, which `config` is (layout checked
+    // above), alive for the call; the kernel takes its own reference to the fd, which the
+    // caller keeps open until then.
+    let rc = unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, config as *const LoopConfig) };
+    if rc == 0 {
+        return Ok(Some(LoopDevice { path, _file: dev }));
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EBUSY) {
+        return Ok(None);
+    }
+    Err(err).with_context(|| {
+        format!(
+            "cannot attach {} to {} (LOOP_CONFIGURE)",
+            backing.display(),
+            path.display()
+        )
+    })
 }
 
 /// The file a loop device reads, from sysfs; None when it is not attached.

@@ -14,31 +14,32 @@
 //! DIR/.raw/pN     every partition's raw bytes (the loop devices read these), not with --raw
 //! ```
 
+mod background;
 pub mod cache;
+mod filesystems;
+mod layout;
 mod loopdev;
 mod probe;
 pub mod source;
 mod state;
+mod umount;
 mod view;
 
+pub use background::serve_in_background;
+pub use umount::{umount, UmountReport};
+
 use crate::chain;
-use crate::ptable::{PartitionTable, ReadError};
 use crate::repo::Repository;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use nix::sys::signal::{SigSet, Signal};
 use serde::{Deserialize, Serialize};
 use source::{BlockSource, RestorePoint};
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use view::{NodeKind, Tree};
 
 /// Plaintext blocks kept decoded: 64 blocks of the default 1 MiB.
 pub const CACHE_BYTES: usize = 64 << 20;
 /// FUSE request threads: reads of several processes (and the loop devices) decode in parallel.
 const FUSE_THREADS: usize = 4;
-/// How long `umount` waits for the serving process to end once its filesystems are gone.
-const SERVER_EXIT_TIMEOUT_MS: i32 = 30_000;
 
 pub struct MountOptions {
     pub repo: PathBuf,
@@ -131,134 +132,6 @@ fn check_dir(dir: &Path) -> Result<PathBuf> {
     Ok(canonical)
 }
 
-/// One partition (or the whole image's filesystem) as the view shows it.
-struct Part {
-    number: Option<u32>,
-    start: u64,
-    size: u64,
-    fs: probe::Fs,
-    mounter: Result<probe::Mounter, String>,
-    /// Name under DIR: "pN" or "fs".
-    name: String,
-    /// The file the loop device reads (relative to DIR).
-    raw_rel: String,
-}
-
-/// The partition table in the restore point's data (as restore reads it), or why there is none.
-fn read_table(
-    source: &std::sync::Arc<BlockSource>,
-    point: &RestorePoint,
-    warnings: &mut Vec<String>,
-) -> Option<PartitionTable> {
-    let m = &point.chain.last().expect("non-empty chain").manifest;
-    if m.source.kind == "partition" {
-        return None;
-    }
-    let mut stream = source.stream(0, point.size);
-    match crate::ptable::read(&mut stream, point.size, m.source.logical_sector_size) {
-        Ok(t) => t,
-        Err(ReadError::Io(e)) => {
-            warnings.push(format!(
-                "the blocks holding the partition table could not be read ({e:#}); only DIR/disk is shown"
-            ));
-            None
-        }
-        Err(ReadError::Table(e)) => {
-            warnings.push(format!(
-                "the partition table is not one cairn can read ({e:#}); only DIR/disk is shown"
-            ));
-            None
-        }
-    }
-}
-
-fn plan_parts(
-    source: &std::sync::Arc<BlockSource>,
-    table: Option<&PartitionTable>,
-    raw: bool,
-) -> Vec<Part> {
-    let size = source.size();
-    let kernel = probe::kernel_filesystems();
-    let mut ranges: Vec<(Option<u32>, u64, u64, bool)> = Vec::new();
-    match table {
-        Some(t) => {
-            for p in &t.partitions {
-                let start = p.start.min(size);
-                let len = p.size.min(size - start);
-                ranges.push((Some(p.number), start, len, p.extended));
-            }
-        }
-        None if raw => {}
-        None => ranges.push((None, 0, size, false)),
-    }
-    ranges
-        .into_iter()
-        .map(|(number, start, len, extended)| {
-            let (fs, mounter) = if raw {
-                (probe::Fs::Unknown, Err("--raw".to_string()))
-            } else if extended {
-                (
-                    probe::Fs::Unknown,
-                    Err("an extended partition (a container of logical partitions)".into()),
-                )
-            } else {
-                match probe::probe(&mut source.stream(start, len), len) {
-                    Ok(fs) => (fs, probe::mounter(fs, &kernel)),
-                    Err(e) => (
-                        probe::Fs::Unknown,
-                        Err(format!("its superblock could not be read ({e})")),
-                    ),
-                }
-            };
-            let name = match number {
-                Some(n) => format!("p{n}"),
-                None => "fs".to_string(),
-            };
-            let raw_rel = match number {
-                Some(_) if raw => name.clone(),
-                Some(_) => format!(".raw/{name}"),
-                None => "disk".to_string(),
-            };
-            Part {
-                number,
-                start,
-                size: len,
-                fs,
-                mounter,
-                name,
-                raw_rel,
-            }
-        })
-        .collect()
-}
-
-fn build_tree(size: u64, parts: &[Part], raw: bool) -> Tree {
-    let mut tree = Tree::new();
-    tree.add(Tree::ROOT, "disk", NodeKind::Raw { start: 0, size });
-    let partitioned = parts.iter().any(|p| p.number.is_some());
-    let raw_dir = (partitioned && !raw).then(|| tree.add(Tree::ROOT, ".raw", NodeKind::Dir));
-    for p in parts {
-        let bytes = NodeKind::Raw {
-            start: p.start,
-            size: p.size,
-        };
-        if let Some(d) = raw_dir {
-            tree.add(d, &p.name, bytes.clone());
-        }
-        match (&p.mounter, p.number) {
-            (Ok(_), _) => {
-                tree.add(Tree::ROOT, &p.name, NodeKind::Dir);
-            }
-            (Err(_), Some(_)) => {
-                tree.add(Tree::ROOT, &p.name, bytes);
-            }
-            // An unpartitioned image whose filesystem stays raw: DIR/disk is its bytes.
-            (Err(_), None) => {}
-        }
-    }
-    tree
-}
-
 /// Mounts the view at `opts.dir` and serves it until SIGINT, SIGTERM or SIGHUP (what `cairn
 /// umount` sends), or until the view is unmounted from outside. `ready` is called once
 /// everything is mounted. Nothing under DIR is touched before every check has passed.
@@ -271,6 +144,43 @@ pub fn serve(
     let repo = Repository::open(&opts.repo)?;
     // Held until this process ends: a writer (backup, prune) is refused meanwhile.
     let _lock = repo.lock_shared()?;
+    let (point, mut warnings) = open_point(&repo, opts)?;
+    let signals = block_signals()?;
+    let point: &'static RestorePoint = Box::leak(Box::new(point));
+    let source = BlockSource::with_read_ahead(point, CACHE_BYTES);
+    let table = layout::read_table(&source, point, &mut warnings);
+    let parts = layout::plan_parts(&source, table.as_ref(), opts.raw);
+    let tree = layout::build_tree(point.size, &parts, opts.raw);
+    let pid = std::process::id();
+    record(&dir, pid, &point.id, &opts.repo, &log)?;
+    let view = ServedView::start(&dir, tree, &source).inspect_err(|_| state::remove(&dir))?;
+    let manifest = point.manifest();
+    let parts =
+        filesystems::mount_parts(&dir, &parts, manifest.source.logical_sector_size, opts.raw);
+    ready(&MountReport {
+        dir: dir.clone(),
+        image: point.id.clone(),
+        name: manifest.name.clone(),
+        chain: point.chain.iter().map(|i| i.id().to_string()).collect(),
+        created: manifest.created.clone(),
+        size: point.size,
+        disk: dir.join("disk"),
+        partition_table: table.as_ref().map(|t| t.kind.as_str().to_string()),
+        parts,
+        raw: opts.raw,
+        pid,
+        log,
+        warnings,
+    });
+    serve_until_ended(&signals, &dir)?;
+    view.join();
+    state::remove(&dir);
+    Ok(())
+}
+
+/// The restore point `opts` names, with its whole chain, and warnings about segment files that
+/// are missing (their blocks read as EIO).
+fn open_point(repo: &Repository, opts: &MountOptions) -> Result<(RestorePoint, Vec<String>)> {
     if let Some(id) = opts.image.as_deref() {
         if crate::format::valid_image_id(id) && !repo.images_dir().join(id).exists() {
             bail!(
@@ -282,16 +192,22 @@ pub fn serve(
     }
     let id = repo.select_image(opts.name.as_deref(), opts.image.as_deref())?;
     let chain =
-        chain::resolve(&repo, &id).with_context(|| format!("image {id} cannot be mounted"))?;
-    let mut warnings = Vec::new();
-    for img in &chain {
-        if let Err(e) = img.check_segments_present() {
-            warnings.push(format!("{e:#}; reads of its blocks fail with EIO"));
-        }
-    }
-    // Signals are taken by sigwait below, never by a handler: blocked before the first thread
-    // (read-ahead) starts, so every thread inherits the mask and none can die of one or swallow
-    // it. One arriving from here on waits until everything is set up.
+        chain::resolve(repo, &id).with_context(|| format!("image {id} cannot be mounted"))?;
+    let warnings = chain
+        .iter()
+        .filter_map(|img| img.check_segments_present().err())
+        .map(|e| format!("{e:#}; reads of its blocks fail with EIO"))
+        .collect();
+    Ok((RestorePoint::new(id, chain), warnings))
+}
+
+/// Blocks the signals that end a mount (and SIGUSR1, the view's end) in this thread, so they are
+/// taken by [`serve_until_ended`]'s sigwait, never by a handler.
+///
+/// Called before the first thread (read-ahead) starts, so every thread inherits the mask and
+/// none can die of one or swallow it. One arriving from here on waits until everything is set
+/// up.
+fn block_signals() -> Result<SigSet> {
     let mut signals = SigSet::empty();
     for s in [
         Signal::SIGINT,
@@ -302,388 +218,132 @@ pub fn serve(
         signals.add(s);
     }
     signals.thread_block().context("cannot block signals")?;
-    let point: &'static RestorePoint = Box::leak(Box::new(RestorePoint::new(id.clone(), chain)));
-    let source = BlockSource::with_read_ahead(point, CACHE_BYTES);
-    let table = read_table(&source, point, &mut warnings);
-    let parts = plan_parts(&source, table.as_ref(), opts.raw);
-    let tree = build_tree(point.size, &parts, opts.raw);
-    let m = &point.chain.last().expect("non-empty chain").manifest;
-    let lss = m.source.logical_sector_size;
+    Ok(signals)
+}
 
-    let pid = std::process::id();
+/// The record `cairn umount` finds the mount by, also after this process was killed.
+fn record(dir: &Path, pid: u32, image: &str, repo: &Path, log: &Option<PathBuf>) -> Result<()> {
     state::write(&state::State {
-        dir: dir.clone(),
+        dir: dir.to_path_buf(),
         pid,
         start_time: state::start_time(pid).unwrap_or(0),
-        image: id.clone(),
+        image: image.to_string(),
         log: log.clone(),
-    })?;
+        repo: repo.canonicalize().ok(),
+    })
+}
 
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        fuser::MountOption::RO,
-        fuser::MountOption::NoDev,
-        fuser::MountOption::NoSuid,
-        fuser::MountOption::FSName(format!("cairn:{id}")),
-        fuser::MountOption::Subtype("cairn".into()),
-    ];
-    config.n_threads = Some(FUSE_THREADS);
-    let view = view::View::new(tree, source.clone(), m.created_unix);
-    let session = match fuser::Session::new(view, &dir, &config) {
-        Ok(s) => s,
-        Err(e) => {
-            state::remove(&dir);
-            return Err(e).with_context(|| format!("cannot mount the view at {}", dir.display()));
-        }
+/// A running `cairn mount` of a repository (it holds the repository's lock shared).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Holder {
+    pub dir: PathBuf,
+    pub pid: u32,
+    pub image: String,
+}
+
+/// The running mounts of the repository at `repo`, for a command refused because the
+/// repository is locked: they say who holds it and what ends it (`cairn umount DIR`).
+pub fn holders(repo: &Path) -> Vec<Holder> {
+    let Ok(repo) = repo.canonicalize() else {
+        return Vec::new();
     };
-    let mut session = session;
-    let mut unmounter = session.unmount_callable();
-    let serving = std::thread::Builder::new()
-        .name("cairn-view".into())
-        .spawn(move || {
-            let r = session.run();
-            // Tell the main thread the view ended (unmounted from outside, or by us).
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGUSR1);
-            r
+    let mut found: Vec<Holder> = state::all()
+        .into_iter()
+        .filter(|s| s.repo.as_deref() == Some(repo.as_path()) && state::server_alive(s))
+        .map(|s| Holder {
+            dir: s.dir,
+            pid: s.pid,
+            image: s.image,
         })
-        .context("cannot start the view's thread")?;
+        .collect();
+    found.sort_by(|a, b| a.dir.cmp(&b.dir));
+    found
+}
 
-    let mut reports = Vec::new();
-    for p in &parts {
-        let mounted = match &p.mounter {
-            Ok(how) => {
-                let target = dir.join(&p.name);
-                match mount_part(&dir.join(&p.raw_rel), &target, how, lss) {
-                    Ok(()) => Ok(target),
-                    Err(e) => Err(format!(
-                        "mounting it failed ({e:#}); its bytes are {}",
-                        dir.join(&p.raw_rel).display()
-                    )),
-                }
-            }
-            Err(why) => Err(why.clone()),
-        };
-        // Where its raw bytes are shown: DIR/pN itself when it is not mounted there.
-        let raw_file = match (&mounted, p.number) {
-            (Err(_), Some(_)) => dir.join(&p.name),
-            _ => dir.join(&p.raw_rel),
-        };
-        let (mounted, note) = match mounted {
-            Ok(t) => (Some(t), None),
-            Err(n) if opts.raw => (None, (n != "--raw").then_some(n)),
-            Err(n) => (
-                None,
-                Some(n.replace("FILE", &raw_file.display().to_string())),
-            ),
-        };
-        reports.push(PartReport {
-            number: p.number,
-            start: p.start,
-            size: p.size,
-            raw_file,
-            filesystem: p.fs.name().to_string(),
-            mounted,
-            note,
-        });
+/// " (held by `cairn mount` at DIR, pid P: `cairn umount DIR` ends it)" for each running mount
+/// of `repo`, or "" when none is running: for the message of a refused lock.
+pub fn holders_note(repo: &Path) -> String {
+    holders(repo)
+        .iter()
+        .map(|h| {
+            format!(
+                " (held by `cairn mount` at {d}, pid {}: `cairn umount {d}` ends it)",
+                h.pid,
+                d = h.dir.display()
+            )
+        })
+        .collect()
+}
+
+/// The FUSE view, mounted at DIR and served by its own threads.
+///
+/// It is unmounted with umount(2) on DIR, never with fuser's unmounter: that one gives its
+/// mount up on the first attempt, so after a refusal (EBUSY) a later call would do nothing and
+/// report success, and the serving threads would never end.
+struct ServedView {
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl ServedView {
+    fn start(dir: &Path, tree: view::Tree, source: &std::sync::Arc<BlockSource>) -> Result<Self> {
+        let point = source.point();
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![
+            fuser::MountOption::RO,
+            fuser::MountOption::NoDev,
+            fuser::MountOption::NoSuid,
+            fuser::MountOption::FSName(format!("cairn:{}", point.id)),
+            fuser::MountOption::Subtype("cairn".into()),
+        ];
+        config.n_threads = Some(FUSE_THREADS);
+        let view = view::View::new(tree, source.clone(), point.manifest().created_unix);
+        let session = fuser::Session::new(view, dir, &config)
+            .with_context(|| format!("cannot mount the view at {}", dir.display()))?;
+        let thread = std::thread::Builder::new()
+            .name("cairn-view".into())
+            .spawn(move || {
+                let r = session.run();
+                // Tell the main thread the view ended (unmounted from outside, or by us).
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), Signal::SIGUSR1);
+                r
+            })
+            .context("cannot start the view's thread")?;
+        Ok(ServedView { thread })
     }
-    let report = MountReport {
-        dir: dir.clone(),
-        image: id.clone(),
-        name: m.name.clone(),
-        chain: point.chain.iter().map(|i| i.id().to_string()).collect(),
-        created: m.created.clone(),
-        size: point.size,
-        disk: dir.join("disk"),
-        partition_table: table.as_ref().map(|t| t.kind.as_str().to_string()),
-        parts: reports,
-        raw: opts.raw,
-        pid,
-        log,
-        warnings,
-    };
-    ready(&report);
 
+    /// Waits for the view's threads to end (after it was unmounted).
+    fn join(self) {
+        match self.thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("the view ended with an error: {e}"),
+            Err(_) => tracing::error!("the view's thread panicked"),
+        }
+    }
+}
+
+/// Serves until a signal ends the mount (its filesystems released first, then the view
+/// unmounted) or the view is unmounted from outside.
+fn serve_until_ended(signals: &SigSet, dir: &Path) -> Result<()> {
     loop {
         let sig = signals.wait().context("waiting for a signal")?;
         if sig == Signal::SIGUSR1 {
             // The view is gone (`umount DIR` from outside): what was mounted from it is dead.
-            if let Err(e) = release_filesystems(&dir) {
+            if let Err(e) = filesystems::release(dir) {
                 tracing::error!("{e:#}");
             }
-            break;
+            return Ok(());
         }
-        match release_filesystems(&dir) {
-            Ok(()) => {
-                if let Err(e) = unmounter.unmount() {
-                    tracing::error!("cannot unmount the view at {}: {e}", dir.display());
-                    continue;
-                }
-                break;
-            }
-            // Something below DIR is in use: keep serving it rather than pull it away.
-            Err(e) => tracing::error!("{e:#}; still serving {}", dir.display()),
-        }
-    }
-    match serving.join() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("the view ended with an error: {e}"),
-        Err(_) => tracing::error!("the view's thread panicked"),
-    }
-    state::remove(&dir);
-    Ok(())
-}
-
-/// Loop-attaches `raw` (a file of the view) read-only and mounts its filesystem on `target`.
-fn mount_part(raw: &Path, target: &Path, how: &probe::Mounter, sector_size: u32) -> Result<()> {
-    use nix::mount::MsFlags;
-    let dev = loopdev::attach(raw, sector_size)?;
-    match how {
-        probe::Mounter::Kernel { fstype, data } => {
-            nix::mount::mount(
-                Some(&dev.path),
-                target,
-                Some(*fstype),
-                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-                (!data.is_empty()).then_some(*data),
-            )
-            .with_context(|| {
-                format!(
-                    "mount -t {fstype} -o ro{}{data} {} {}",
-                    if data.is_empty() { "" } else { "," },
-                    dev.path.display(),
-                    target.display()
-                )
-            })?;
-        }
-        probe::Mounter::Ntfs3g(prog) => {
-            let out = std::process::Command::new(prog)
-                .args(["-o", "ro,nosuid,nodev"])
-                .arg(&dev.path)
-                .arg(target)
-                .stdin(std::process::Stdio::null())
-                .output()
-                .with_context(|| format!("cannot run {}", prog.display()))?;
-            if !out.status.success() {
-                bail!(
-                    "ntfs-3g failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-        }
-    }
-    // The mount holds the device now; auto-clear detaches it when the mount goes.
-    drop(dev);
-    Ok(())
-}
-
-/// Unmounts every filesystem mounted below `dir` (deepest first) and detaches every loop device
-/// reading a file below it. A busy filesystem stops it with a message saying so; nothing is
-/// detached lazily.
-fn release_filesystems(dir: &Path) -> Result<()> {
-    let mut below: Vec<PathBuf> = state::mounts()?
-        .into_iter()
-        .map(|m| m.mount_point)
-        .filter(|p| p != dir && p.starts_with(dir))
-        .collect();
-    below.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    below.dedup();
-    for p in &below {
-        if let Err(e) = nix::mount::umount2(p, nix::mount::MntFlags::empty()) {
-            match e {
-                // Unmounted meanwhile.
-                nix::errno::Errno::EINVAL => {}
-                nix::errno::Errno::EBUSY => bail!(
-                    "{} is busy: a process has files open there (`fuser -vm {}` names it); close them and run `cairn umount {}` again",
-                    p.display(),
-                    p.display(),
+        match filesystems::release(dir) {
+            Ok(()) => match nix::mount::umount2(dir, nix::mount::MntFlags::empty()) {
+                // EINVAL: unmounted already (by `cairn umount`); the view's end is on its way.
+                Ok(()) | Err(nix::errno::Errno::EINVAL) => return Ok(()),
+                Err(e) => tracing::error!(
+                    "cannot unmount the view at {}: {e}; still serving it",
                     dir.display()
                 ),
-                e => return Err(anyhow!(e).context(format!("cannot unmount {}", p.display()))),
-            }
-        }
-    }
-    for dev in loopdev::backed_under(dir) {
-        loopdev::detach(&dev)?;
-    }
-    Ok(())
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct UmountReport {
-    pub dir: PathBuf,
-    /// The serving process was gone already (killed) and its leftovers were cleared.
-    pub server_was_dead: bool,
-}
-
-/// Ends the cairn mount at `dir`: its filesystems, its loop devices, its view — also when the
-/// serving process was killed and left them behind.
-pub fn umount(dir: &Path) -> Result<UmountReport> {
-    let dir = absolute_dir(dir)?;
-    let st = state::read(&dir);
-    let view_mounted =
-        |ms: &[state::MountEntry]| ms.iter().any(|m| m.mount_point == dir && state::is_view(m));
-    if !view_mounted(&state::mounts()?) && st.is_none() {
-        bail!("{} is not a cairn mount", dir.display());
-    }
-    let alive = st.as_ref().filter(|s| state::server_alive(s));
-    match release_filesystems(&dir) {
-        Ok(()) => {}
-        // Below a dead view the mount points cannot be looked up any more: detach the whole
-        // tree at once; each filesystem goes when its last user does, then its loop device.
-        Err(e) if alive.is_none() && is_unreachable(&e) => {
-            nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH)
-                .with_context(|| format!("cannot detach {}", dir.display()))?;
-            for dev in loopdev::backed_under(&dir) {
-                loopdev::detach(&dev)?;
-            }
-        }
-        Err(e) => return Err(e),
-    }
-    if let Some(s) = alive {
-        end_server(s)?;
-    }
-    if view_mounted(&state::mounts()?) {
-        nix::mount::umount2(&dir, nix::mount::MntFlags::empty()).map_err(|e| {
-            anyhow!(e).context(format!("cannot unmount the view at {}", dir.display()))
-        })?;
-    }
-    if let Some(log) = st.as_ref().and_then(|s| s.log.as_ref()) {
-        let _ = std::fs::remove_file(log);
-    }
-    state::remove(&dir);
-    Ok(UmountReport {
-        dir,
-        server_was_dead: st.is_some() && alive.is_none(),
-    })
-}
-
-fn is_unreachable(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| {
-        c.downcast_ref::<nix::errno::Errno>()
-            .is_some_and(|e| matches!(e, nix::errno::Errno::ENOTCONN | nix::errno::Errno::ENOENT))
-    })
-}
-
-/// Asks the serving process to end (SIGTERM) and waits for it, bounded.
-fn end_server(s: &state::State) -> Result<()> {
-    let pid = i32::try_from(s.pid).context("pid out of range")?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        // Gone between the check and now.
-        return Ok(());
-    }
-    // SAFETY: fd was just returned by pidfd_open and is owned by nothing else.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM)
-        .with_context(|| format!("cannot signal the serving process {pid}"))?;
-    let mut pfd = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut pfd, 1, SERVER_EXIT_TIMEOUT_MS) };
-    if n == 0 {
-        bail!(
-            "the serving process {pid} did not end within {} s; its log: {}",
-            SERVER_EXIT_TIMEOUT_MS / 1000,
-            s.log
-                .as_ref()
-                .map(|l| l.display().to_string())
-                .unwrap_or_else(|| "its stderr".into())
-        );
-    }
-    Ok(())
-}
-
-/// Runs [`serve`] in a background process and returns its report once it is ready (or its
-/// error). Call before any thread is started: it forks.
-pub fn serve_in_background(opts: &MountOptions) -> Result<MountReport> {
-    // Checked here too so a plain mistake is reported before anything forks.
-    let dir = check_dir(&opts.dir)?;
-    // The server leaves the working directory (it would keep that filesystem busy), so the
-    // paths it is given must not depend on it.
-    let opts = &MountOptions {
-        repo: std::path::absolute(&opts.repo)
-            .with_context(|| format!("cannot resolve {}", opts.repo.display()))?,
-        dir: dir.clone(),
-        name: opts.name.clone(),
-        image: opts.image.clone(),
-        raw: opts.raw,
-    };
-    std::fs::create_dir_all(state::RUN_DIR)
-        .with_context(|| format!("cannot create {}", state::RUN_DIR))?;
-    let log = state::log_path_for(&dir);
-    let (rx, tx) = nix::unistd::pipe().context("pipe")?;
-    // SAFETY: cairn has started no thread at this point (the command line is parsed and logging
-    // set up, neither spawns one), so the child is a complete copy of a single-threaded process.
-    match unsafe { nix::unistd::fork() }.context("fork")? {
-        nix::unistd::ForkResult::Parent { .. } => {
-            drop(tx);
-            let mut msg = Vec::new();
-            std::fs::File::from(rx)
-                .read_to_end(&mut msg)
-                .context("reading from the mount process")?;
-            let text = String::from_utf8_lossy(&msg);
-            if let Some(json) = text.strip_prefix("ready\n") {
-                return serde_json::from_str(json).context("the mount process's report");
-            }
-            if let Some(err) = text.strip_prefix("error\n") {
-                bail!("{err}");
-            }
-            bail!(
-                "the mount process ended before it was ready; its log: {}",
-                log.display()
-            )
-        }
-        nix::unistd::ForkResult::Child => {
-            drop(rx);
-            let code = background_child(opts, &log, tx);
-            std::process::exit(code);
-        }
-    }
-}
-
-fn background_child(opts: &MountOptions, log: &Path, tx: OwnedFd) -> i32 {
-    let mut tx = Some(std::fs::File::from(tx));
-    let detached = (|| -> Result<()> {
-        nix::unistd::setsid()?;
-        std::env::set_current_dir("/")?;
-        let null = std::fs::File::open("/dev/null")?;
-        let logf = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)?;
-        nix::unistd::dup2(null.as_raw_fd(), 0)?;
-        nix::unistd::dup2(null.as_raw_fd(), 1)?;
-        nix::unistd::dup2(logf.as_raw_fd(), 2)?;
-        Ok(())
-    })();
-    let result = detached
-        .context("cannot detach the mount process")
-        .and_then(|()| {
-            serve(opts, Some(log.to_path_buf()), &mut |r| {
-                if let Some(mut t) = tx.take() {
-                    let json = serde_json::to_string(r).expect("serialisable");
-                    let _ = t.write_all(format!("ready\n{json}").as_bytes());
-                }
-            })
-        });
-    match result {
-        Ok(()) => 0,
-        Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
-            match tx.take() {
-                // Not ready yet: the error goes to the command, and there is no mount whose log
-                // anybody would read.
-                Some(mut t) => {
-                    let _ = std::fs::remove_file(log);
-                    let _ = t.write_all(format!("error\n{msg}").as_bytes());
-                }
-                None => tracing::error!("{msg}"),
-            }
-            1
+            },
+            // Something below DIR is in use: keep serving it rather than pull it away.
+            Err(e) => tracing::error!("{e:#}; still serving {}", dir.display()),
         }
     }
 }

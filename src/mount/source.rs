@@ -7,6 +7,7 @@
 
 use super::cache::BlockCache;
 use crate::chain::Planner;
+use crate::format::manifest::Manifest;
 use crate::reader::BlockDecoder;
 use crate::repo::Image;
 use anyhow::{anyhow, Result};
@@ -34,6 +35,11 @@ impl RestorePoint {
             block_size: u64::from(m.block_size),
             chain,
         }
+    }
+
+    /// The manifest of the restore point's own image (the newest of its chain).
+    pub fn manifest(&self) -> &Manifest {
+        &self.chain.last().expect("a chain holds its image").manifest
     }
 }
 
@@ -95,6 +101,36 @@ impl Drop for Finish<'_> {
 /// leave them half-updated.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+enum Claim {
+    Cached(Arc<[u8]>),
+    Waiting(Arc<Loading>),
+    Decoding(Arc<Loading>),
+}
+
+/// The outcome of another reader's decode, once it is there.
+fn wait_for(slot: &Loading) -> Result<Arc<[u8]>> {
+    let mut done = lock(&slot.done);
+    while done.is_none() {
+        done = slot.ready.wait(done).unwrap_or_else(|p| p.into_inner());
+    }
+    match done.as_ref().expect("set") {
+        Ok(b) => Ok(b.clone()),
+        Err(msg) => Err(anyhow!("{msg}")),
+    }
+}
+
+/// A checked block and the part of it a read covers.
+pub struct Slice {
+    data: Arc<[u8]>,
+    range: std::ops::Range<usize>,
+}
+
+impl Slice {
+    pub fn bytes(&self) -> &[u8] {
+        &self.data[self.range.clone()]
+    }
 }
 
 /// Why a read failed: the block and the reader's error (which names image, segment and offset).
@@ -172,40 +208,42 @@ impl BlockSource {
 
     /// The checked plaintext of one block.
     pub fn block(&self, block: u64) -> Result<Arc<[u8]>> {
+        match self.claim(block) {
+            Claim::Cached(b) => Ok(b),
+            Claim::Waiting(slot) => wait_for(&slot),
+            Claim::Decoding(slot) => self.decode_for_all(block, &slot),
+        }
+    }
+
+    /// Whether `block` is cached, being decoded by another reader, or this reader's to decode.
+    fn claim(&self, block: u64) -> Claim {
         if let Some(b) = self.cache.get(block) {
-            return Ok(b);
+            return Claim::Cached(b);
         }
-        let (slot, first) = {
-            let mut loading = lock(&self.loading);
-            // Checked again under the lock: the decode may have finished meanwhile (it is
-            // cached before its slot goes).
-            if let Some(b) = self.cache.get(block) {
-                return Ok(b);
-            }
-            match loading.get(&block) {
-                Some(s) => (s.clone(), false),
-                None => {
-                    let s = Arc::new(Loading::default());
-                    loading.insert(block, s.clone());
-                    (s, true)
-                }
-            }
-        };
-        if !first {
-            let mut done = lock(&slot.done);
-            while done.is_none() {
-                done = slot.ready.wait(done).unwrap_or_else(|p| p.into_inner());
-            }
-            return match done.as_ref().expect("set") {
-                Ok(b) => Ok(b.clone()),
-                Err(msg) => Err(anyhow!("{msg}")),
-            };
+        let mut loading = lock(&self.loading);
+        // Checked again under the lock: the decode may have finished meanwhile (it is cached
+        // before its slot goes).
+        if let Some(b) = self.cache.get(block) {
+            return Claim::Cached(b);
         }
+        match loading.get(&block) {
+            Some(s) => Claim::Waiting(s.clone()),
+            None => {
+                let s = Arc::new(Loading::default());
+                loading.insert(block, s.clone());
+                Claim::Decoding(s)
+            }
+        }
+    }
+
+    /// Decodes a claimed block, caches it if it passed every check, and hands the outcome to
+    /// the readers waiting on `slot`.
+    fn decode_for_all(&self, block: u64, slot: &Loading) -> Result<Arc<[u8]>> {
         // Wakes the waiters and clears the slot however this ends (a panic included).
         let finish = Finish {
             loading: &self.loading,
             block,
-            slot: &slot,
+            slot,
         };
         let result = self.decode(block);
         if let Ok(b) = &result {
@@ -233,7 +271,20 @@ impl BlockSource {
     /// Fills `out` with the restore point's bytes from `offset` (which must lie inside it, with
     /// `out`): all of them checked, or an error naming the first block that failed.
     pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), ReadFailure> {
-        let end = offset + out.len() as u64;
+        let mut at = 0;
+        for s in self.read_slices(offset, out.len())? {
+            let part = s.bytes();
+            out[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        Ok(())
+    }
+
+    /// The restore point's `len` bytes from `offset` (which must lie inside it) as the parts of
+    /// the checked blocks that hold them, in order, without copying them: all of them checked, or
+    /// an error naming the first block that failed.
+    pub fn read_slices(&self, offset: u64, len: usize) -> Result<Vec<Slice>, ReadFailure> {
+        let end = offset + len as u64;
         if end > self.point.size {
             return Err(ReadFailure {
                 block: offset / self.point.block_size,
@@ -245,6 +296,7 @@ impl BlockSource {
             });
         }
         let bs = self.point.block_size;
+        let mut slices = Vec::with_capacity(1);
         let mut pos = offset;
         while pos < end {
             let block = pos / bs;
@@ -253,25 +305,30 @@ impl BlockSource {
                 .map_err(|error| ReadFailure { block, error })?;
             let rel = (pos - block * bs) as usize;
             let n = ((end - pos) as usize).min(data.len() - rel);
-            let at = (pos - offset) as usize;
-            out[at..at + n].copy_from_slice(&data[rel..rel + n]);
+            slices.push(Slice {
+                data,
+                range: rel..rel + n,
+            });
             pos += n as u64;
         }
-        if out.is_empty() {
-            return Ok(());
+        if len > 0 {
+            self.read_ahead_after(offset / bs, (end - 1) / bs);
         }
-        let (first, last) = (offset / bs, (end - 1) / bs);
+        Ok(slices)
+    }
+
+    /// Queues the blocks after `last` for the read-ahead thread when the read of blocks
+    /// `first..=last` continues the one before it.
+    fn read_ahead_after(&self, first: u64, last: u64) {
         let prev = self.last_end.swap(last + 1, Ordering::Relaxed);
-        if let Some(tx) = &self.ahead {
-            if prev == first || prev == first + 1 {
-                let blocks = self.point.size.div_ceil(bs);
-                for b in (last + 1..=last + READ_AHEAD_BLOCKS).filter(|&b| b < blocks) {
-                    // A full queue means the thread is behind: skip rather than wait.
-                    let _ = tx.try_send(b);
-                }
+        let Some(tx) = &self.ahead else { return };
+        if prev == first || prev == first + 1 {
+            let blocks = self.point.size.div_ceil(self.point.block_size);
+            for b in (last + 1..=last + READ_AHEAD_BLOCKS).filter(|&b| b < blocks) {
+                // A full queue means the thread is behind: skip rather than wait.
+                let _ = tx.try_send(b);
             }
         }
-        Ok(())
     }
 
     /// The bytes `[start, start + len)` of the restore point as a seekable stream (for the

@@ -20,6 +20,9 @@ pub struct State {
     pub start_time: u64,
     pub image: String,
     pub log: Option<PathBuf>,
+    /// The repository, canonical (absent in records of older versions).
+    #[serde(default)]
+    pub repo: Option<PathBuf>,
 }
 
 /// The record's path for the mount at `dir` (an absolute, canonical path).
@@ -44,6 +47,18 @@ pub fn write(state: &State) -> Result<()> {
 pub fn read(dir: &Path) -> Option<State> {
     let bytes = std::fs::read(path_for(dir)).ok()?;
     serde_json::from_slice(&bytes).ok()
+}
+
+/// Every record in the run directory.
+pub fn all() -> Vec<State> {
+    let Ok(rd) = std::fs::read_dir(RUN_DIR) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter_map(|p| serde_json::from_slice(&std::fs::read(p).ok()?).ok())
+        .collect()
 }
 
 pub fn remove(dir: &Path) {

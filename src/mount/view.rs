@@ -194,9 +194,16 @@ impl Filesystem for View {
             return;
         }
         let n = u64::from(size).min(len - offset) as usize;
-        let mut buf = vec![0u8; n];
-        match self.source.read(start + offset, &mut buf) {
-            Ok(()) => reply.data(&buf),
+        match self.source.read_slices(start + offset, n) {
+            // Most requests lie inside one block: its cached bytes go out as they are.
+            Ok(slices) if slices.len() == 1 => reply.data(slices[0].bytes()),
+            Ok(slices) => {
+                let mut buf = Vec::with_capacity(n);
+                for s in &slices {
+                    buf.extend_from_slice(s.bytes());
+                }
+                reply.data(&buf)
+            }
             Err(f) => {
                 // The whole request fails: a short read would make the kernel assume the file
                 // ends there and fill the rest with zeros. The kernel then reads page by page,
