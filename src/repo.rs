@@ -19,13 +19,19 @@ pub struct Repository {
     pub root: PathBuf,
 }
 
-/// Holds the repository's exclusive lock until dropped.
+/// The writer lock: one writer at a time (backup, prune, delete, protect, upgrade).
+const WRITER_LOCK: &str = "lock";
+/// The removal lock: readers hold it shared, prune and delete exclusive.
+const REMOVAL_LOCK: &str = "lock.remove";
+
+/// Holds the repository's writer lock (and for a prune or delete the removal lock) until dropped.
 pub struct RepoLock {
     _file: File,
+    _removal: Option<File>,
 }
 
-/// Holds the repository's lock in shared mode until dropped: a reader (a mount) that needs every
-/// image it uses to stay; the writer lock is refused while one is held.
+/// Holds the repository's removal lock in shared mode until dropped: a reader (restore, verify,
+/// list, a mount) that needs every image it uses to stay; a prune or delete waits for it.
 pub struct SharedRepoLock {
     /// None on read-only media, where no writer can take the lock either.
     _file: Option<File>,
@@ -57,6 +63,82 @@ fn holder_line() -> String {
         .unwrap_or_default();
     let cmd: String = cmd.chars().take(200).collect();
     format!("{} {cmd}", std::process::id())
+}
+
+/// Opens (creating) a lock file for a shared or exclusive flock (read-only is enough); None on
+/// read-only media, where it cannot be created.
+fn open_lock_file(path: &Path) -> Result<Option<File>> {
+    // Read-only is enough for flock, and lets a repository on read-only media be read.
+    match File::open(path) {
+        Ok(f) => return Ok(Some(f)),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot open lock file {}", path.display()))
+        }
+        Err(_) => {}
+    }
+    match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(f) => Ok(Some(f)),
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot create lock file {}", path.display())),
+    }
+}
+
+/// flock(2) with `op`, retrying until `deadline`; past it, the error `refused` makes.
+fn flock_until(
+    file: &File,
+    op: libc::c_int,
+    deadline: std::time::Instant,
+    path: &Path,
+    refused: impl Fn() -> anyhow::Error,
+) -> Result<()> {
+    loop {
+        // SAFETY: flock takes an open descriptor and an operation constant; no memory is
+        // involved.
+        if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = nix::errno::Errno::last();
+        if e != nix::errno::Errno::EWOULDBLOCK {
+            return Err(anyhow!(e).context(format!("cannot lock {}", path.display())));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(refused());
+        }
+        // Polling: flock(2) has no timeout, and a blocking flock in a thread could not be
+        // abandoned. A tenth of a second is invisible next to what a holder does.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// "repository R is HOW H1, H2; wait for it to finish and retry …".
+fn refusal(
+    root: &Path,
+    how: &str,
+    holders: &[String],
+    waited: std::time::Duration,
+) -> anyhow::Error {
+    let waited_note = if waited.is_zero() {
+        String::new()
+    } else {
+        format!(" (waited {})", humantime::format_duration(waited))
+    };
+    anyhow!(
+        "repository {} is {how} {}{waited_note}; wait for it to finish and retry{}",
+        root.display(),
+        holders.join(", "),
+        if waited.is_zero() && how == "in use by" {
+            " (or give --wait DURATION)"
+        } else {
+            ""
+        }
+    )
 }
 
 fn process_alive(pid: i32) -> bool {
@@ -193,15 +275,18 @@ impl Repository {
         Ok(true)
     }
 
-    /// Takes the writer lock, refusing (not waiting) when another cairn holds it.
+    /// Takes the writer lock, refusing (not waiting) when another cairn holds it. Writers (backup,
+    /// prune, delete, protect, upgrade) exclude each other; readers are not affected, as a
+    /// writer that only adds images never touches a file a reader uses (see `lock_for_removal`).
     pub fn lock(&self) -> Result<RepoLock> {
         self.lock_wait(std::time::Duration::ZERO)
     }
 
-    /// Takes the writer lock, waiting up to `wait` for the cairn processes that hold it (shared
-    /// or exclusive) to finish; the error names them (pid and command line).
+    /// Takes the writer lock, waiting up to `wait` for the writer that holds it; the error names
+    /// it (pid and command line).
     pub fn lock_wait(&self, wait: std::time::Duration) -> Result<RepoLock> {
-        let path = self.root.join("lock");
+        let deadline = std::time::Instant::now() + wait;
+        let path = self.root.join(WRITER_LOCK);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -209,48 +294,49 @@ impl Repository {
             .truncate(false)
             .mode(0o600)
             .open(&path)
-            .with_context(|| format!("cannot open lock file {}", path.display()))?;
-        let deadline = std::time::Instant::now() + wait;
-        loop {
-            // SAFETY: flock takes an open descriptor and an operation constant; no memory is
-            // involved.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-                break;
-            }
-            let e = nix::errno::Errno::last();
-            if e != nix::errno::Errno::EWOULDBLOCK {
-                return Err(anyhow!(e).context(format!("cannot lock {}", path.display())));
-            }
-            if std::time::Instant::now() >= deadline {
-                let waited = if wait.is_zero() {
-                    String::new()
-                } else {
-                    format!(" (waited {})", humantime::format_duration(wait))
-                };
-                bail!(
-                    "repository {} is locked by {}{waited}; wait for it to finish and retry{}",
-                    self.root.display(),
-                    self.lock_holders(&file).join(", "),
-                    if wait.is_zero() {
-                        " (or give --wait DURATION)"
-                    } else {
-                        ""
-                    }
-                );
-            }
-            // Polling: flock(2) has no timeout, and a blocking flock in a thread could not be
-            // abandoned. A tenth of a second is invisible next to what a holder does.
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        file.set_len(0)?;
-        file.write_all_at(format!("{}\n", holder_line()).as_bytes(), 0)?;
-        Ok(RepoLock { _file: file })
+            .with_context(|| format!("cannot open lock file {} for writing", path.display()))?;
+        flock_until(&file, libc::LOCK_EX, deadline, &path, || {
+            refusal(&self.root, "locked by", &[self.writer_holder(&file)], wait)
+        })?;
+        file.set_len(0)
+            .and_then(|()| file.write_all_at(format!("{}\n", holder_line()).as_bytes(), 0))
+            .with_context(|| format!("cannot record this process in {}", path.display()))?;
+        Ok(RepoLock {
+            _file: file,
+            _removal: None,
+        })
     }
 
-    /// Who holds the lock: the readers that recorded themselves (live pids only), or else the
-    /// writer the lock file names.
-    fn lock_holders(&self, lock_file: &File) -> Vec<String> {
-        let mut holders: Vec<String> = fs::read_dir(self.root.join(READERS))
+    /// The writer lock and, with it, the removal lock: for a prune or delete, which remove or
+    /// rename files that restores, verifies, lists and mounts may be reading. Waits up to `wait`
+    /// for both; the error names whoever holds them (readers record themselves).
+    pub fn lock_for_removal(&self, wait: std::time::Duration) -> Result<RepoLock> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut lock = self.lock_wait(wait)?;
+        let path = self.root.join(REMOVAL_LOCK);
+        let file = open_lock_file(&path)?.expect("the writer lock was created read-write");
+        flock_until(&file, libc::LOCK_EX, deadline, &path, || {
+            refusal(&self.root, "in use by", &self.readers(), wait)
+        })?;
+        lock._removal = Some(file);
+        Ok(lock)
+    }
+
+    /// The writer the lock file names, if that process still runs.
+    fn writer_holder(&self, lock_file: &File) -> String {
+        let mut text = String::new();
+        let _ = (&*lock_file).read_to_string(&mut text);
+        let line = text.lines().next().unwrap_or("").trim();
+        let pid = line.split_whitespace().next().and_then(|p| p.parse().ok());
+        match pid {
+            Some(pid) if process_alive(pid) => format!("pid {line}"),
+            _ => "another cairn process".to_string(),
+        }
+    }
+
+    /// The readers holding the removal lock that recorded themselves (live pids only).
+    fn readers(&self) -> Vec<String> {
+        let holders: Vec<String> = fs::read_dir(self.root.join(READERS))
             .into_iter()
             .flatten()
             .flatten()
@@ -258,71 +344,45 @@ impl Repository {
                 let text = fs::read_to_string(e.path()).ok()?;
                 let line = text.lines().next()?.trim().to_string();
                 let pid: i32 = line.split_whitespace().next()?.parse().ok()?;
-                process_alive(pid).then(|| format!("pid {line} (shared)"))
+                process_alive(pid).then(|| format!("pid {line} (reading)"))
             })
             .collect();
         if holders.is_empty() {
-            let mut text = String::new();
-            let _ = (&*lock_file).read_to_string(&mut text);
-            let line = text.lines().next().unwrap_or("").trim();
-            holders.push(if line.is_empty() {
-                "another cairn process".to_string()
-            } else {
-                format!("pid {line}")
-            });
+            vec!["another cairn process (reading)".to_string()]
+        } else {
+            holders
         }
-        holders
     }
 
-    /// Takes the lock in shared mode, refusing (not waiting) while a writer holds it. Several
-    /// readers can hold it at once; each records itself (pid and command line) under
-    /// `lock.readers/` so that a writer that has to wait can say for whom.
+    /// Takes the removal lock in shared mode, for a reader (restore, verify, list, mount) that
+    /// needs every image it uses to stay: refused (not waiting) while a prune or delete holds it;
+    /// a backup running meanwhile is fine. Each reader records itself (pid and command line)
+    /// under `lock.readers/` so that a prune that has to wait can say for whom.
     pub fn lock_shared(&self) -> Result<SharedRepoLock> {
-        let path = self.root.join("lock");
-        // Read-only is enough for flock, and lets a repository on read-only media be mounted; a
-        // lock file that cannot even be created there means no writer can exist either.
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                match OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .mode(0o600)
-                    .open(&path)
-                {
-                    Ok(f) => f,
-                    Err(e) if e.raw_os_error() == Some(libc::EROFS) => {
-                        return Ok(SharedRepoLock {
-                            _file: None,
-                            record: None,
-                        })
-                    }
-                    Err(e) => {
-                        return Err(e)
-                            .with_context(|| format!("cannot create lock file {}", path.display()))
-                    }
-                }
-            }
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot open lock file {}", path.display()))
-            }
+        let path = self.root.join(REMOVAL_LOCK);
+        // On read-only media no writer can take the lock either.
+        let Some(file) = open_lock_file(&path)? else {
+            return Ok(SharedRepoLock {
+                _file: None,
+                record: None,
+            });
         };
-        // SAFETY: flock takes an open descriptor and an operation constant; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
-            let e = nix::errno::Errno::last();
-            if e == nix::errno::Errno::EWOULDBLOCK {
-                bail!(
-                    "repository {} is being written by {}; wait for it to finish and retry",
-                    self.root.display(),
-                    self.lock_holders(&file).join(", ")
-                );
-            }
-            return Err(anyhow!(e).context(format!("cannot lock {}", path.display())));
-        }
-        // Best effort: on read-only media or a full disk the record is missing, and a waiting
-        // writer names only "another cairn process".
+        flock_until(
+            &file,
+            libc::LOCK_SH,
+            std::time::Instant::now(),
+            &path,
+            || {
+                refusal(
+                    &self.root,
+                    "being pruned by",
+                    &[self.writer_holder_at()],
+                    std::time::Duration::ZERO,
+                )
+            },
+        )?;
+        // Best effort: on a full disk the record is missing, and a waiting prune names only
+        // "another cairn process".
         let record = (|| -> Option<PathBuf> {
             static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
             let dir = self.root.join(READERS);
@@ -336,6 +396,14 @@ impl Repository {
             _file: Some(file),
             record,
         })
+    }
+
+    /// The writer named in the writer lock file (a prune holding the removal lock holds it too).
+    fn writer_holder_at(&self) -> String {
+        match File::open(self.root.join(WRITER_LOCK)) {
+            Ok(f) => self.writer_holder(&f),
+            Err(_) => "another cairn process".to_string(),
+        }
     }
 
     /// Removes what interrupted backups left in tmp/. Call with the lock held.

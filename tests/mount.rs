@@ -295,10 +295,13 @@ fn a_damaged_block_is_eio_for_its_range_and_nothing_else() {
     flip_byte(segment, size_of(segment) / 2);
     let view = MountDir::new(t.path(), "view");
     let r = view.mount(&repo, &["--raw"]);
-    // The mount holds the repository's lock in shared mode: a writer is refused meanwhile.
-    let w = cairn(&["backup", s(&src), s(&repo), "--name", "f"]);
-    w.error();
-    assert!(w.error_line().contains("locked"), "{}", w.describe());
+    // The mount holds the repository's removal lock in shared mode: a backup goes on (it only
+    // adds an image), a prune is refused and names the mount.
+    cairn(&["backup", s(&src), s(&repo), "--name", "f"]).ok();
+    let p = cairn(&["prune", s(&repo), "--keep-last", "1"]);
+    p.error();
+    p.assert_mentions("in use by");
+    p.assert_mentions("mount");
     let disk = fs::File::open(view.path().join("disk")).unwrap();
     let want = fs::read(&src).unwrap();
     let mut bad = Vec::new();
@@ -532,9 +535,12 @@ fn a_running_mount_names_itself_as_the_holder_of_its_repository() {
         "{note}"
     );
     assert!(cairn::mount::holders(&other).is_empty());
-    // The refused backup meanwhile: what the lock says today (the lead wires holders_note in).
-    let refused = cairn(&["backup", s(&src), s(&repo), "--name", "f"]);
+    // A prune meanwhile is refused and names the mount's serving process; a backup goes on.
+    let refused = cairn(&["prune", s(&repo), "--keep-last", "1"]);
     refused.error();
+    refused.assert_mentions(&format!("pid {pid} "));
+    refused.assert_mentions("mount");
+    cairn(&["backup", s(&src), s(&repo), "--name", "f"]).ok();
     view.umount();
     assert!(cairn::mount::holders(&repo).is_empty());
 }

@@ -395,7 +395,13 @@ fn the_format_1_fixture_restores_and_is_pruned() {
 fn a_prune_waits_for_readers_and_names_them() {
     let chain = file_chain();
     let repo = &chain.repo;
-    let lock = std::fs::File::open(repo.join("lock")).unwrap();
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(repo.join("lock.remove"))
+        .unwrap();
     // SAFETY: flock on an open descriptor; no memory involved.
     assert_eq!(
         unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_SH) },

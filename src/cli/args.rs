@@ -169,8 +169,8 @@ With --raw, DIR/pN are all raw files and nothing is mounted.\n\n\
 Mounted read-only: ext2/3/4 (ro,noload), xfs (ro,norecovery), btrfs (ro), NTFS through ntfs-3g, \
 vfat and exfat when the kernel has them. Every byte is checked (crc and BLAKE3) before it is \
 returned; a damaged block reads as an I/O error (EIO) for exactly its range and is logged with \
-its image, segment and offset, never as wrong bytes. While mounted, the repository's lock is held \
-in shared mode, so a backup into it is refused until the mount ends. Runs in the foreground until \
+its image, segment and offset, never as wrong bytes. While mounted, the repository's removal lock \
+is held in shared mode: backups go on, a prune or delete waits until the mount ends. Runs in the foreground until \
 Ctrl-C, SIGTERM or `cairn umount DIR`; --background returns once everything is mounted. Needs \
 root (FUSE, loop devices, mount).";
 

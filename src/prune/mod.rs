@@ -147,7 +147,7 @@ fn lock_for_writing(repo: &Repository, wait: Duration, dry_run: bool) -> Result<
     Ok(if dry_run {
         Held::Reader(repo.lock_shared()?)
     } else {
-        Held::Writer(repo.lock_wait(wait)?)
+        Held::Writer(repo.lock_for_removal(wait)?)
     })
 }
 
