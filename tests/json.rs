@@ -154,3 +154,25 @@ fn list_restore_verify_json() {
     assert_eq!(imgs.len(), 1, "{v}");
     assert_eq!(id_of(&imgs[0]), ia);
 }
+
+/// `cairn list --json | head -1`: the reader goes away before cairn writes. The command's work is
+/// done, so it exits 0 with no panic message (Rust ignores SIGPIPE, so `println!` used to panic).
+#[test]
+fn a_closed_stdout_is_not_a_panic() {
+    let t = tempdir();
+    let src = t.path().join("d.img");
+    write_random_file(&src, 1 << 20, 5);
+    let repo = t.path().join("repo");
+    cairn(&["backup", s(&src), s(&repo), "--name", "d", "-q"]).ok();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(bin())
+        .args(["list", s(&repo), "--json"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}

@@ -1,7 +1,7 @@
 //! The commands that only read: `verify`, `badmap`, `show`, `list` and `disks`.
 
 use super::args::{ListArgs, SelectArgs, ShowArgs};
-use super::output::{human_bytes, print_json, short_bytes};
+use super::output::{human_bytes, outln, print_json, short_bytes};
 use super::Ctx;
 use crate::format::Manifest;
 use crate::repo::Repository;
@@ -138,7 +138,7 @@ pub(super) fn cmd_show(a: ShowArgs, ctx: &Ctx) -> Result<()> {
         print_json(&v);
     } else {
         for l in list::show_lines(&m, &unreadable) {
-            println!("{l}");
+            outln!("{l}");
         }
     }
     Ok(())
@@ -150,7 +150,7 @@ pub(super) fn cmd_disks(ctx: &Ctx) -> Result<()> {
         print_json(&disks);
     } else {
         for l in crate::disks::render(&disks) {
-            println!("{l}");
+            outln!("{l}");
         }
     }
     Ok(())
@@ -170,13 +170,20 @@ pub(super) fn cmd_list(a: ListArgs, ctx: &Ctx) -> Result<()> {
 }
 
 fn print_list_table(rows: Vec<list::Row>) {
-    println!(
+    outln!(
         "{:<20} {:<24} {:<12} {:<20} {:>8} {:>8} {:>8}  {:<20} STATUS",
-        "ID", "NAME", "KIND", "PARENT", "SIZE", "DATA", "STORED", "CREATED"
+        "ID",
+        "NAME",
+        "KIND",
+        "PARENT",
+        "SIZE",
+        "DATA",
+        "STORED",
+        "CREATED"
     );
     let gib = |v: Option<u64>| v.map(short_bytes).unwrap_or_else(|| "?".into());
     for r in rows {
-        println!(
+        outln!(
             "{:<20} {:<24} {:<12} {:<20} {:>8} {:>8} {:>8}  {:<20} {}",
             r.id,
             r.name.as_deref().unwrap_or("?"),
@@ -189,7 +196,7 @@ fn print_list_table(rows: Vec<list::Row>) {
             r.status
         );
         if let Some(t) = &r.partition_table {
-            println!("    {}", list::table_summary(t));
+            outln!("    {}", list::table_summary(t));
         }
     }
 }

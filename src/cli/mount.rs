@@ -1,7 +1,7 @@
 //! `mount` and `umount`: a restore point shown read-only under a directory.
 
 use super::args::{MountArgs, UmountArgs};
-use super::output::{human_bytes, print_json};
+use super::output::{human_bytes, outln, print_json};
 use super::Ctx;
 use crate::mount::{self, MountOptions, MountReport};
 use anyhow::Result;
@@ -92,7 +92,7 @@ pub(super) fn cmd_umount(a: UmountArgs, ctx: &Ctx) -> Result<()> {
     if ctx.json {
         print_json(&r);
     } else if !ctx.quiet {
-        println!(
+        outln!(
             "{} is unmounted{}",
             r.dir.display(),
             if r.server_was_dead {

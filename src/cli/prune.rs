@@ -1,7 +1,7 @@
 //! The retention commands: `prune`, `delete`, `protect` and `upgrade`.
 
 use super::args::{DeleteArgs, ListArgs, ProtectArgs, PruneArgs};
-use super::output::{human_bytes, print_json};
+use super::output::{human_bytes, outln, print_json};
 use super::Ctx;
 use crate::prune::{self, decision::Rules, PruneOptions, Report};
 use crate::repo::Repository;
@@ -94,7 +94,7 @@ fn print_report(r: &Report, ctx: &Ctx) {
         } else {
             format!(" ({})", p.reasons.join(", "))
         };
-        println!(
+        outln!(
             "{} {:<20} {:<24} {:<12} {}{}",
             if p.keep { "keep  " } else { "remove" },
             p.id,
@@ -109,7 +109,7 @@ fn print_report(r: &Report, ctx: &Ctx) {
             Some(parent) => format!("an {} over {parent}", w.now),
             None => format!("a synthetic {}", w.now),
         };
-        println!(
+        outln!(
             "{} {} becomes {now}, taking over {} ({} index entries, {} of them windows of stored frames)",
             if r.dry_run { "would:" } else { "done: " },
             w.id,
@@ -123,7 +123,7 @@ fn print_report(r: &Report, ctx: &Ctx) {
             "the repository does not fit --max-size without removing a newest or protected point"
         );
     }
-    println!(
+    outln!(
         "{} {} of {} ({} written){}",
         if r.dry_run { "would free" } else { "freed" },
         human_bytes(r.freed_bytes),
@@ -150,16 +150,25 @@ pub(super) fn cmd_list_totals(a: ListArgs, ctx: &Ctx) -> Result<()> {
         eprintln!("no images in {}", repo.root.display());
         return Ok(());
     }
-    println!(
+    outln!(
         "{:<20} {:<24} {:<12} {:<20} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<20} STATUS",
-        "ID", "NAME", "KIND", "PARENT", "SIZE", "DATA", "STORED", "UNIQUE", "SHARED", "CREATED"
+        "ID",
+        "NAME",
+        "KIND",
+        "PARENT",
+        "SIZE",
+        "DATA",
+        "STORED",
+        "UNIQUE",
+        "SHARED",
+        "CREATED"
     );
     let short = |v: Option<u64>| {
         v.map(super::output::short_bytes)
             .unwrap_or_else(|| "?".into())
     };
     for r in &t.images {
-        println!(
+        outln!(
             "{:<20} {:<24} {:<12} {:<20} {:>8} {:>8} {:>8} {:>8} {:>8}  {:<20} {}{}",
             r.id,
             r.name.as_deref().unwrap_or("?"),
@@ -175,10 +184,10 @@ pub(super) fn cmd_list_totals(a: ListArgs, ctx: &Ctx) -> Result<()> {
             if r.protected { " (protected)" } else { "" }
         );
         if let Some(pt) = &r.partition_table {
-            println!("    {}", crate::list::table_summary(pt));
+            outln!("    {}", crate::list::table_summary(pt));
         }
     }
-    println!(
+    outln!(
         "repository: {} in all, {} reclaimable (`cairn prune` collects it)",
         human_bytes(t.total_bytes),
         human_bytes(t.reclaimable_bytes)

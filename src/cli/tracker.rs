@@ -1,7 +1,7 @@
 //! `tracker run|stop|reset|status`: the change tracker's daemon and its controls.
 
 use super::args::TrackerCommand;
-use super::output::{print_json, short_bytes};
+use super::output::{outln, print_json, short_bytes};
 use super::Ctx;
 use crate::tracker::daemon::{self, DaemonOptions};
 use crate::tracker::instances::{self, InstanceStatus, Verdict};
@@ -76,9 +76,9 @@ fn status(dir: &Path, device: Option<PathBuf>, json: bool) -> Result<()> {
         return Ok(());
     }
     match &saved {
-        Saved::Running => println!("tracker: running"),
-        Saved::Stopped => println!("tracker: NOT running (saved state shown)"),
-        Saved::Nothing(n) => println!("tracker: NOT running: {n}"),
+        Saved::Running => outln!("tracker: running"),
+        Saved::Stopped => outln!("tracker: NOT running (saved state shown)"),
+        Saved::Nothing(n) => outln!("tracker: NOT running: {n}"),
     }
     print_instances(&instances);
     for d in devices {
@@ -119,10 +119,10 @@ fn print_instances(instances: &[InstanceStatus]) {
             Verdict::Kept => "kept for a restart",
             Verdict::Orphaned => "ORPHANED",
         };
-        println!("kernel instance {}: {what}: {}", i.name, i.why);
+        outln!("kernel instance {}: {what}: {}", i.name, i.why);
     }
     if instances.iter().any(|i| i.verdict == Verdict::Orphaned) {
-        println!(
+        outln!(
             "  orphaned instances trace every write of their disks until reboot: \
              remove them with `cairn tracker reset --orphans`"
         );
@@ -130,7 +130,7 @@ fn print_instances(instances: &[InstanceStatus]) {
 }
 
 fn print_device_status(d: DeviceStatus) {
-    println!(
+    outln!(
         "{} ({}:{}, {}), tracking since {}",
         d.device,
         d.disk.0,
@@ -139,19 +139,19 @@ fn print_device_status(d: DeviceStatus) {
         d.tracking_since
     );
     if d.continuity != "intact" {
-        println!("  {}", d.continuity);
+        outln!("  {}", d.continuity);
     }
     if d.consumers.is_empty() {
-        println!("  no backups taken with the tracker yet");
+        outln!("  no backups taken with the tracker yet");
     }
     for c in d.consumers {
-        println!("  {} (bytes {}..{})", c.consumer, c.start, c.start + c.len);
-        println!(
+        outln!("  {} (bytes {}..{})", c.consumer, c.start, c.start + c.len);
+        outln!(
             "    since last image: {} changed, continuity {}",
             short_bytes(c.changed_bytes_since_image),
             c.continuity_since_image
         );
-        println!(
+        outln!(
             "    since last full:  {} changed, continuity {}",
             short_bytes(c.changed_bytes_since_full),
             c.continuity_since_full
