@@ -124,6 +124,9 @@ for (( i = 0; i <= OLDEST; i++ )); do
     (( i == OLDEST )) || DROPPED=$(( DROPPED + all ))
 done
 
+"$CAIRN" prune "$REPO" --keep-last "$KEEP" --dry-run --json > "$LOGS/dry-run.out" \
+    || die "cairn prune --dry-run failed"
+DRY_FREED=$(jget "$LOGS/dry-run.out" 'd["freed_bytes"]')
 log "prune --keep-last $KEEP"
 BEFORE=$(repo_bytes)
 timed prune "$CAIRN" prune "$REPO" --keep-last "$KEEP" --json
@@ -131,8 +134,13 @@ PRUNE_WALL=$TW PRUNE_RSS=$TRSS PRUNE_WRITE=$TWRITE
 AFTER=$(repo_bytes)
 J_FREED=$(jget "$TOUT" 'd["freed_bytes"]')
 J_WRITTEN=$(jget "$TOUT" 'd["bytes_written"]')
+J_BEFORE=$(jget "$TOUT" 'd["bytes_before"]')
+J_AFTER=$(jget "$TOUT" 'd["bytes_after"]')
 N_REMOVED=$(jget "$TOUT" 'len(d["removed"])')
 N_REWRITTEN=$(jget "$TOUT" 'len(d["rewritten"])')
+"$CAIRN" list "$REPO" --json --totals > "$LOGS/list-after.out" || die "cairn list --totals failed"
+LIST_TOTAL=$(jget "$LOGS/list-after.out" 'd["total_bytes"]')
+LIST_RECLAIMABLE=$(jget "$LOGS/list-after.out" 'd["reclaimable_bytes"]')
 KEPT=$("$CAIRN" list "$REPO" --json | python3 -c 'import json, sys; print(" ".join(i["id"] for i in json.load(sys.stdin)))')
 WANT_KEPT="${IDS[*]:OLDEST}"
 [[ $KEPT == "$WANT_KEPT" ]] || die "after prune the repository lists [$KEPT], expected [$WANT_KEPT]"
@@ -173,6 +181,7 @@ echo "| \`cairn prune --keep-last $KEEP\` | $PRUNE_WALL | $PRUNE_RSS | removed $
 printf '%s\n' "${ROWS[@]}"
 echo
 both() { printf '%s | %s' "$1" "$(mb "$1")"; }   # bytes | MB
+J_DRY=$DRY_FREED
 echo "| prune | bytes | MB |"
 echo "|---|---:|---:|"
 echo "| written (\`write_bytes\` of the prune process) | $(both "$PRUNE_WRITE") |"
@@ -182,6 +191,7 @@ echo "| **written / merged data** (goal ≤ 2×) | | **${RATIO}× $VERDICT** |"
 echo "| repository before (\`du --apparent-size\`) | $(both "$BEFORE") |"
 echo "| repository after | $(both "$AFTER") |"
 echo "| freed (du: before − after) | $(both $(( BEFORE - AFTER ))) |"
-echo "| freed (JSON \`freed_bytes\`) | $(both "$J_FREED") |"
+echo "| freed (JSON \`freed_bytes\`; its bytes_before → bytes_after: $J_BEFORE → $J_AFTER; the dry run before it said $J_DRY) | $(both "$J_FREED") |"
+echo "| after: \`cairn list --totals\` total / reclaimable | $LIST_TOTAL / $LIST_RECLAIMABLE | $(mb "$LIST_TOTAL") / $(mb "$LIST_RECLAIMABLE") |"
 echo "| the removed images' files before the prune (what their frames the kept points still need stays) | $(both "$DROPPED") |"
 (( FAILED == 0 )) || exit 2
