@@ -53,12 +53,21 @@ fn read_failure(err: std::io::Error, what: String) -> anyhow::Error {
 }
 
 /// One entry's stored payload, crc-checked: the chain position and entry number it belongs to.
+/// Entries that read the same stored frame (windows of one frame, format 2) share its bytes.
 pub struct Payload {
     pub ci: usize,
     pub ei: usize,
     pub entry: Entry,
     pub codec: Codec,
-    pub bytes: Vec<u8>,
+    pub bytes: std::sync::Arc<Vec<u8>>,
+}
+
+impl Payload {
+    /// The stored frame this payload is read from: entries with the same key decode to the same
+    /// plaintext frame.
+    fn frame(&self) -> (usize, u32, u64) {
+        (self.ci, self.entry.segment, self.entry.segment_offset)
+    }
 }
 
 struct OpenSegment {
@@ -200,7 +209,8 @@ impl<'a> ChainReader<'a> {
         Ok(codec)
     }
 
-    /// Reads and crc-checks the payloads a block's pieces need, each entry once.
+    /// Reads and crc-checks the payloads a block's pieces need, each entry once and each stored
+    /// frame once: after a merge, one block's pieces may be hundreds of windows of one frame.
     pub fn payloads(&mut self, pieces: &[Piece]) -> Result<Vec<Payload>> {
         let mut out: Vec<Payload> = Vec::new();
         for p in pieces {
@@ -208,9 +218,16 @@ impl<'a> ChainReader<'a> {
                 if out.iter().any(|x| (x.ci, x.ei) == (ci, ei)) {
                     continue;
                 }
-                let mut bytes = Vec::new();
                 let entry = crate::chain::entry(&self.chain[ci], ei as u64)?;
-                let codec = self.read_entry_payload(ci, &entry, &mut bytes)?;
+                let key = (ci, entry.segment, entry.segment_offset);
+                let (codec, bytes) = match out.iter().find(|x| x.frame() == key) {
+                    Some(same) => (same.codec, std::sync::Arc::clone(&same.bytes)),
+                    None => {
+                        let mut bytes = Vec::new();
+                        let codec = self.read_entry_payload(ci, &entry, &mut bytes)?;
+                        (codec, std::sync::Arc::new(bytes))
+                    }
+                };
                 out.push(Payload {
                     ci,
                     ei,
@@ -224,7 +241,8 @@ impl<'a> ChainReader<'a> {
     }
 }
 
-/// Decodes a crc-checked payload and checks the plaintext's BLAKE3 against the entry.
+/// Decodes a crc-checked payload and checks the plaintext's BLAKE3 against the entry; `out`
+/// gets the entry's extent (for a window, its part of the frame).
 pub fn decode_checked(
     image_id: &str,
     e: &Entry,
@@ -233,38 +251,44 @@ pub fn decode_checked(
     dctx: &mut zstd::bulk::Decompressor<'_>,
     out: &mut [u8],
 ) -> Result<()> {
-    let name = segment_file_name(e.segment);
-    let at = e.segment_offset + FRAME_HEADER_LEN as u64;
-    let hash_mismatch = || {
-        damage(format!(
-            "image {image_id}, {name}, offset {at}: block at source offset {} is damaged (hash mismatch)",
-            e.offset
-        ))
-    };
     if let crate::format::EntryKind::Window(w) = e.kind {
         // The hash is the whole frame's: decode and check all of it, then take the window.
         let mut frame = vec![0u8; w.frame_length as usize];
-        crate::format::frame::decode_payload(codec, payload, &mut frame, dctx)
-            .map_err(|err| damage(format!("{:#}", image_error(image_id, &name, Some(at), err))))?;
-        if blake3::hash(&frame).as_bytes() != &e.hash {
-            return Err(hash_mismatch());
-        }
+        decode_frame_checked(image_id, e, codec, payload, dctx, &mut frame)?;
         let skip = w.skip as usize;
         out.copy_from_slice(&frame[skip..skip + out.len()]);
         return Ok(());
     }
-    crate::format::frame::decode_payload(codec, payload, out, dctx)
+    decode_frame_checked(image_id, e, codec, payload, dctx, out)
+}
+
+/// Decodes the whole stored frame an entry reads (`frame_out` is its plaintext length:
+/// `Entry::frame_span`) and checks its BLAKE3 against the entry.
+fn decode_frame_checked(
+    image_id: &str,
+    e: &Entry,
+    codec: Codec,
+    payload: &[u8],
+    dctx: &mut zstd::bulk::Decompressor<'_>,
+    frame_out: &mut [u8],
+) -> Result<()> {
+    let name = segment_file_name(e.segment);
+    let at = e.segment_offset + FRAME_HEADER_LEN as u64;
+    crate::format::frame::decode_payload(codec, payload, frame_out, dctx)
         .map_err(|err| damage(format!("{:#}", image_error(image_id, &name, Some(at), err))))?;
-    if blake3::hash(out).as_bytes() != &e.hash {
-        return Err(hash_mismatch());
+    if blake3::hash(frame_out).as_bytes() != &e.hash {
+        return Err(damage(format!(
+            "image {image_id}, {name}, offset {at}: block at source offset {} is damaged (hash mismatch)",
+            e.offset
+        )));
     }
     Ok(())
 }
 
 /// Builds the plaintext of the pieces starting at `offset` (one block, or part of one) from their
 /// checked payloads into `block`. An entry that spans the whole of `block` (every block of a full
-/// image) is decoded straight into it; every other entry is decoded once into `scratch` and only
-/// its pieces are copied over.
+/// image) is decoded straight into it; every other stored frame is decoded and checked once into
+/// `scratch` (however many window entries read it) and only the pieces are copied over.
 pub fn assemble(
     chain: &[Image],
     offset: u64,
@@ -282,19 +306,27 @@ pub fn assemble(
         let p = &payloads[b];
         decode_checked(chain[p.ci].id(), &p.entry, p.codec, &p.bytes, dctx, block)?;
     }
-    for (i, p) in payloads.iter().enumerate() {
-        if Some(i) == base {
-            continue;
-        }
+    // Grouped by frame, so each frame is decoded once.
+    let mut order: Vec<usize> = (0..payloads.len()).filter(|&i| Some(i) != base).collect();
+    order.sort_by_key(|&i| payloads[i].frame());
+    // What `scratch` holds: the frame and the hash it was checked against (an entry that claims
+    // another hash for the same frame is decoded and checked again, and fails).
+    let mut decoded: Option<((usize, u32, u64), crate::format::Hash)> = None;
+    for i in order {
+        let p = &payloads[i];
         let e = &p.entry;
-        scratch.resize(e.length as usize, 0);
-        decode_checked(chain[p.ci].id(), e, p.codec, &p.bytes, dctx, scratch)?;
+        let (frame_offset, frame_length) = e.frame_span();
+        if decoded != Some((p.frame(), e.hash)) {
+            scratch.resize(frame_length as usize, 0);
+            decode_frame_checked(chain[p.ci].id(), e, p.codec, &p.bytes, dctx, scratch)?;
+            decoded = Some((p.frame(), e.hash));
+        }
         for piece in pieces
             .iter()
             .filter(|x| x.source == Source::Entry(p.ci, p.ei))
         {
             let rel = (piece.offset - offset) as usize;
-            let from = (piece.offset - e.offset) as usize;
+            let from = (piece.offset - frame_offset) as usize;
             block[rel..rel + piece.len as usize]
                 .copy_from_slice(&scratch[from..from + piece.len as usize]);
         }
