@@ -15,8 +15,12 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-/// Blocks read ahead of a sequential reader.
-const READ_AHEAD_BLOCKS: u64 = 2;
+/// Blocks read ahead of a sequential reader: enough to keep every read-ahead thread busy while
+/// the reader consumes the current block (4 MiB of the cache at the default block size).
+const READ_AHEAD_BLOCKS: u64 = 4;
+/// Threads decoding ahead: decoding is the cost of a sequential read, and one thread alone
+/// leaves the second core of a small machine idle while the reader waits on it.
+const READ_AHEAD_THREADS: usize = 2;
 
 /// A restore point: its chain, oldest first, and its geometry.
 pub struct RestorePoint {
@@ -150,6 +154,9 @@ pub struct BlockSource {
     loading: Mutex<HashMap<u64, Arc<Loading>>>,
     /// The block after the last one read, to notice a sequential reader.
     last_end: AtomicU64,
+    /// The block after the last one queued for reading ahead: each block is queued once per
+    /// sequential run, not once for each of the kernel's requests inside the block before it.
+    queued_end: AtomicU64,
     ahead: Option<crossbeam_channel::Sender<u64>>,
 }
 
@@ -162,6 +169,7 @@ impl BlockSource {
             idle: Mutex::new(Vec::new()),
             loading: Mutex::new(HashMap::new()),
             last_end: AtomicU64::new(u64::MAX),
+            queued_end: AtomicU64::new(0),
             ahead: None,
         })
     }
@@ -176,24 +184,31 @@ impl BlockSource {
             idle: Mutex::new(Vec::new()),
             loading: Mutex::new(HashMap::new()),
             last_end: AtomicU64::new(u64::MAX),
+            queued_end: AtomicU64::new(0),
             ahead: Some(tx),
         });
-        // The thread holds only a weak handle: it ends when the source is dropped (the
-        // channel's sender goes with it).
-        let weak = Arc::downgrade(&source);
-        let spawned = std::thread::Builder::new()
-            .name("cairn-read-ahead".into())
-            .spawn(move || {
-                for block in rx {
-                    let Some(s) = weak.upgrade() else { break };
-                    if !s.cache.contains(block) {
-                        // A failure here is reported when a reader asks for the block.
-                        let _ = s.block(block);
+        for i in 0..READ_AHEAD_THREADS {
+            // The threads hold only a weak handle: they end when the source is dropped (the
+            // channel's sender goes with it).
+            let weak = Arc::downgrade(&source);
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("cairn-read-ahead-{i}"))
+                .spawn(move || {
+                    for block in rx {
+                        let Some(s) = weak.upgrade() else { break };
+                        // A block another thread is decoding is left to it, so this one moves
+                        // on to the next instead of waiting.
+                        if !s.cache.contains(block) && !lock(&s.loading).contains_key(&block) {
+                            // A failure here is reported when a reader asks for the block.
+                            let _ = s.block(block);
+                        }
                     }
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!("no read-ahead thread ({e}); reads decode on demand only");
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("no read-ahead thread ({e}); reads decode on demand only");
+                break;
+            }
         }
         source
     }
@@ -324,10 +339,15 @@ impl BlockSource {
         let Some(tx) = &self.ahead else { return };
         if prev == first || prev == first + 1 {
             let blocks = self.point.size.div_ceil(self.point.block_size);
-            for b in (last + 1..=last + READ_AHEAD_BLOCKS).filter(|&b| b < blocks) {
-                // A full queue means the thread is behind: skip rather than wait.
+            let until = (last + 1 + READ_AHEAD_BLOCKS).min(blocks);
+            let from = self.queued_end.swap(until, Ordering::Relaxed).max(last + 1);
+            for b in from..until {
+                // A full queue means the threads are behind: skip rather than wait.
                 let _ = tx.try_send(b);
             }
+        } else {
+            // A jump starts a new run: nothing after it is queued yet.
+            self.queued_end.store(0, Ordering::Relaxed);
         }
     }
 
