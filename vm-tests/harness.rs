@@ -261,6 +261,8 @@ impl Vm {
     /// Boots the guest with its serial console on a pipe.
     pub fn spawn(&self) -> Running {
         let rescue = rescue();
+        // Before the command: it copies the UEFI variable store into the workdir.
+        fs::create_dir_all(&self.workdir).unwrap();
         spawn_qemu(self.command(rescue), &self.workdir)
     }
 
