@@ -136,11 +136,7 @@ impl<'a, 's> ImageSink<'a, 's> {
             self.writer.push_entry(&Entry {
                 offset: out.offset,
                 length: out.len as u32,
-                kind: if codec == Codec::Zstd {
-                    EntryKind::Zstd
-                } else {
-                    EntryKind::Raw
-                },
+                kind: EntryKind::stored(codec),
                 segment,
                 stored_length: payload.len() as u32,
                 segment_offset,

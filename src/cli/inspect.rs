@@ -1,7 +1,7 @@
 //! The commands that only read: `verify`, `badmap`, `show`, `list` and `disks`.
 
 use super::args::{ListArgs, SelectArgs, ShowArgs};
-use super::output::{human_bytes, outln, print_json, short_bytes};
+use super::output::{human_bytes, outln, print_json};
 use super::Ctx;
 use crate::format::Manifest;
 use crate::repo::Repository;
@@ -156,47 +156,10 @@ pub(super) fn cmd_disks(ctx: &Ctx) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn cmd_list(a: ListArgs, ctx: &Ctx) -> Result<()> {
+/// `cairn list --json` without `--totals`: the rows as an array (scripts read this shape). The
+/// table and `--totals` are `prune::cmd_list_totals`.
+pub(super) fn cmd_list_json(a: ListArgs) -> Result<()> {
     let repo = Repository::open(&a.repo)?;
-    let rows = list::run(&repo)?;
-    if ctx.json {
-        print_json(&rows);
-    } else if rows.is_empty() {
-        eprintln!("no images in {}", repo.root.display());
-    } else {
-        print_list_table(rows);
-    }
+    print_json(&list::run(&repo)?);
     Ok(())
-}
-
-fn print_list_table(rows: Vec<list::Row>) {
-    outln!(
-        "{:<20} {:<24} {:<12} {:<20} {:>8} {:>8} {:>8}  {:<20} STATUS",
-        "ID",
-        "NAME",
-        "KIND",
-        "PARENT",
-        "SIZE",
-        "DATA",
-        "STORED",
-        "CREATED"
-    );
-    let gib = |v: Option<u64>| v.map(short_bytes).unwrap_or_else(|| "?".into());
-    for r in rows {
-        outln!(
-            "{:<20} {:<24} {:<12} {:<20} {:>8} {:>8} {:>8}  {:<20} {}",
-            r.id,
-            r.name.as_deref().unwrap_or("?"),
-            r.kind.unwrap_or("?"),
-            r.parent.as_deref().unwrap_or("-"),
-            gib(r.source_size),
-            gib(r.data_bytes),
-            gib(r.stored_bytes),
-            r.created.as_deref().unwrap_or("?"),
-            r.status
-        );
-        if let Some(t) = &r.partition_table {
-            outln!("    {}", list::table_summary(t));
-        }
-    }
 }

@@ -58,7 +58,7 @@ fn dispatch(command: Command, ctx: &Ctx) -> Result<()> {
         Command::Badmap(a) => inspect::cmd_badmap(a, ctx),
         Command::Show(a) => inspect::cmd_show(a, ctx),
         Command::List(a) if a.totals || !ctx.json => prune::cmd_list_totals(a, ctx),
-        Command::List(a) => inspect::cmd_list(a, ctx),
+        Command::List(a) => inspect::cmd_list_json(a),
         Command::Disks => inspect::cmd_disks(ctx),
         Command::Tracker(t) => tracker::cmd_tracker(t, ctx),
         Command::Mount(a) => mount::cmd_mount(a, ctx),

@@ -34,6 +34,14 @@ pub const WINDOW_SKIP_UNIT: u32 = super::MIN_GRANULE;
 const FLAG_WINDOW: u8 = 1;
 
 impl EntryKind {
+    /// The kind of an entry whose extent is a whole frame stored with `codec`.
+    pub fn stored(codec: super::frame::Codec) -> EntryKind {
+        match codec {
+            super::frame::Codec::Zstd => EntryKind::Zstd,
+            super::frame::Codec::Raw => EntryKind::Raw,
+        }
+    }
+
     fn code(self) -> u8 {
         match self {
             EntryKind::Zero => 0,

@@ -541,11 +541,7 @@ impl Output {
                 self.push(Entry {
                     offset,
                     length: data.len() as u32,
-                    kind: if codec == Codec::Zstd {
-                        EntryKind::Zstd
-                    } else {
-                        EntryKind::Raw
-                    },
+                    kind: EntryKind::stored(codec),
                     segment,
                     stored_length: payload.len() as u32,
                     segment_offset,
